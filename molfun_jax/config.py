@@ -1,0 +1,171 @@
+"""Model configuration mirroring OpenFold v1.0's `openfold.config.model_config`.
+
+The tree has OpenFold's key names (`globals`, `model.evoformer_stack.no_blocks`, ...) so that
+`from_openfold` is a copy, plus three fields of ours under `globals`:
+`num_recycles` (static recycling count), `dtype` (compute dtype) and `remat` (rematerialise each
+scanned block in the backward pass).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import ml_collections as mlc
+
+PRESETS = tuple(f"model_{i}" for i in range(1, 6)) + tuple(f"model_{i}_ptm" for i in range(1, 6))
+TINY = "tiny"
+
+
+def _base() -> mlc.ConfigDict:
+    """OpenFold's default (`model_1`-like) model config, widths at full size."""
+    c_z, c_m, c_t, c_e, c_s = 128, 256, 64, 64, 384
+    eps = 1e-8
+    return mlc.ConfigDict({
+        "globals": {
+            "chunk_size": None,  # attention chunking over batch-like axes (memory); None = off
+            "c_z": c_z, "c_m": c_m, "c_t": c_t, "c_e": c_e, "c_s": c_s,
+            "eps": eps,
+            "num_recycles": 3,  # OpenFold data.common.max_recycling_iters
+            "dtype": "float32",  # compute dtype: float32 | bfloat16
+            "remat": False,  # nn.remat each scanned block (True when training)
+        },
+        "model": {
+            "_mask_trans": False,
+            "input_embedder": {"tf_dim": 22, "msa_dim": 49, "c_z": c_z, "c_m": c_m, "relpos_k": 32},
+            "recycling_embedder": {"c_z": c_z, "c_m": c_m, "min_bin": 3.25, "max_bin": 20.75,
+                                   "no_bins": 15, "inf": 1e8},
+            "template": {
+                "distogram": {"min_bin": 3.25, "max_bin": 50.75, "no_bins": 39},
+                "template_angle_embedder": {"c_in": 57, "c_out": c_m},
+                "template_pair_embedder": {"c_in": 88, "c_out": c_t},
+                "template_pair_stack": {"c_t": c_t, "c_hidden_tri_att": 16, "c_hidden_tri_mul": 64,
+                                        "no_blocks": 2, "no_heads": 4, "pair_transition_n": 2,
+                                        "dropout_rate": 0.25, "inf": 1e9},
+                "template_pointwise_attention": {"c_t": c_t, "c_z": c_z, "c_hidden": 16,
+                                                 "no_heads": 4, "inf": 1e5},
+                "inf": 1e5,
+                "eps": eps,
+                "enabled": True,
+                "embed_angles": True,
+                "use_unit_vector": False,
+            },
+            "extra_msa": {
+                "extra_msa_embedder": {"c_in": 25, "c_out": c_e},
+                "extra_msa_stack": {"c_m": c_e, "c_z": c_z, "c_hidden_msa_att": 8, "c_hidden_opm": 32,
+                                    "c_hidden_mul": 128, "c_hidden_pair_att": 32, "no_heads_msa": 8,
+                                    "no_heads_pair": 4, "no_blocks": 4, "transition_n": 4,
+                                    "msa_dropout": 0.15, "pair_dropout": 0.25, "inf": 1e9,
+                                    "eps": eps},
+                "enabled": True,
+            },
+            "evoformer_stack": {"c_m": c_m, "c_z": c_z, "c_hidden_msa_att": 32, "c_hidden_opm": 32,
+                                "c_hidden_mul": 128, "c_hidden_pair_att": 32, "c_s": c_s,
+                                "no_heads_msa": 8, "no_heads_pair": 4, "no_blocks": 48,
+                                "transition_n": 4, "msa_dropout": 0.15, "pair_dropout": 0.25,
+                                "inf": 1e9, "eps": eps},
+            "structure_module": {"c_s": c_s, "c_z": c_z, "c_ipa": 16, "c_resnet": 128,
+                                 "no_heads_ipa": 12, "no_qk_points": 4, "no_v_points": 8,
+                                 "dropout_rate": 0.1, "no_blocks": 8, "no_transition_layers": 1,
+                                 "no_resnet_blocks": 2, "no_angles": 7, "trans_scale_factor": 10,
+                                 "epsilon": eps, "inf": 1e5},
+            "heads": {
+                "lddt": {"no_bins": 50, "c_in": c_s, "c_hidden": 128},
+                "distogram": {"c_z": c_z, "no_bins": 64},
+                "tm": {"c_z": c_z, "no_bins": 64, "enabled": False},
+                "masked_msa": {"c_m": c_m, "c_out": 23},
+                "experimentally_resolved": {"c_s": c_s, "c_out": 37},
+            },
+        },
+    })
+
+
+def _set_inf(c: mlc.ConfigDict, inf: float) -> None:
+    for k, v in c.items():
+        if isinstance(v, mlc.ConfigDict):
+            _set_inf(v, inf)
+        elif k == "inf":
+            c[k] = inf
+
+
+def _set_widths(c: mlc.ConfigDict, **widths: int) -> None:
+    """Set every field named like a width (`c_z`, `c_m`, ...) to a new value, as OpenFold's
+    FieldReferences do; `c_m` of the extra-MSA stack is `c_e`."""
+    def visit(node: mlc.ConfigDict, path: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, mlc.ConfigDict):
+                visit(v, f"{path}.{k}")
+            elif k in widths:
+                node[k] = widths["c_e"] if (k == "c_m" and path.endswith("extra_msa_stack")) else widths[k]
+    visit(c, "")
+    m = c.model
+    m.template.template_angle_embedder.c_out = widths["c_m"]
+    m.template.template_pair_embedder.c_out = widths["c_t"]
+    m.extra_msa.extra_msa_embedder.c_out = widths["c_e"]
+    m.heads.lddt.c_in = widths["c_s"]
+
+
+def model_config(name: str, train: bool = False, low_prec: bool = False) -> mlc.ConfigDict:
+    """A model config for an OpenFold preset (`model_1`..`model_5`, `model_X_ptm`) or `tiny`.
+
+    `tiny` is `model_1_ptm` with 2 Evoformer blocks, 1 extra-MSA block, 1 template block and
+    small widths: the same code, for tests and quick runs.
+    """
+    if name != TINY and name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS + (TINY,))}")
+    c = _base()
+    base = "model_1_ptm" if name == TINY else name
+    idx = int(base.split("_")[1])
+    c.model.template.enabled = idx in (1, 2)  # AF2 Suppl. Table 5: models 1-2 use templates
+    c.model.heads.tm.enabled = base.endswith("_ptm")
+    if name == TINY:
+        _set_widths(c, c_z=16, c_m=32, c_t=8, c_e=8, c_s=32)
+        m = c.model
+        m.evoformer_stack.update(no_blocks=2, c_hidden_msa_att=8, c_hidden_opm=4, c_hidden_mul=16,
+                                 c_hidden_pair_att=8, no_heads_msa=2, no_heads_pair=2)
+        m.extra_msa.extra_msa_stack.update(no_blocks=1, c_hidden_msa_att=4, c_hidden_opm=4,
+                                           c_hidden_mul=16, c_hidden_pair_att=8, no_heads_msa=2,
+                                           no_heads_pair=2)
+        m.template.template_pair_stack.update(no_blocks=1, c_hidden_tri_att=4, c_hidden_tri_mul=8,
+                                              no_heads=2)
+        m.template.template_pointwise_attention.update(c_hidden=4, no_heads=2)
+        m.structure_module.update(c_ipa=8, c_resnet=16, no_heads_ipa=2, no_qk_points=2,
+                                  no_v_points=2, no_blocks=2)
+        m.heads.lddt.c_hidden = 16
+        c.globals.num_recycles = 1
+    if train:
+        c.globals.remat = True
+    if low_prec:
+        c.globals.eps = 1e-4
+        _set_inf(c, 1e4)
+    return c
+
+
+def from_openfold(cfg: Any) -> mlc.ConfigDict:
+    """Our config from an OpenFold `model_config(...)` ConfigDict (same key names)."""
+    c = _base()
+    c.model.update(copy.deepcopy(cfg.model.to_dict()) if hasattr(cfg.model, "to_dict") else cfg.model)
+    for k in ("chunk_size", "eps", "c_z", "c_m", "c_t", "c_e", "c_s"):
+        c.globals[k] = cfg.globals[k]
+    c.globals.chunk_size = None if cfg.globals.chunk_size is None else int(cfg.globals.chunk_size)
+    c.globals.num_recycles = int(cfg.data.common.max_recycling_iters) if "data" in cfg else 3
+    c.globals.remat = cfg.globals.blocks_per_ckpt is not None
+    _prune(c.model, _base().model)
+    return c
+
+
+def _prune(c: mlc.ConfigDict, ref: mlc.ConfigDict) -> None:
+    """Drop OpenFold's runtime-only keys (offloading, chunk tuning, ...) we have no use for."""
+    for k in list(c.keys()):
+        if k not in ref:
+            del c[k]
+        elif isinstance(c[k], mlc.ConfigDict):
+            _prune(c[k], ref[k])
+
+
+def config_to_dict(c: mlc.ConfigDict) -> dict:
+    """JSON-able dict (for meta.json)."""
+    return c.to_dict()
+
+
+def config_from_dict(d: dict) -> mlc.ConfigDict:
+    return mlc.ConfigDict(d)

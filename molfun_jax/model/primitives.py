@@ -1,0 +1,176 @@
+"""Primitives shared by every module: Linear (AlphaFold inits, optional LoRA), LayerNorm,
+Attention and GlobalAttention (AF2 Suppl. 1.11.4 inits; Algorithms 7, 13, 19), chunking.
+
+Param names follow OpenFold's state dict: Linear -> `kernel` [in, out] (`weight` transposed) and
+`bias`; LayerNorm -> `scale` (`weight`) and `bias`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# OpenFold's init names -> Flax initialisers. variance_scaling('truncated_normal') uses the same
+# [-2, 2] truncation and std correction as OpenFold's trunc_normal_init_.
+_KERNEL_INITS: dict[str, Callable] = {
+    "default": nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+    "relu": nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal"),
+    "glorot": nn.initializers.xavier_uniform(),
+    "gating": nn.initializers.zeros,
+    "normal": nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
+    "final": nn.initializers.zeros,
+}
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """'float32' | 'bfloat16' -> dtype (config.globals.dtype)."""
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+class Linear(nn.Module):
+    """Dense layer with AlphaFold's initialisers (`init` as in OpenFold's Linear).
+
+    When the `lora` collection holds `{a: [in, r], b: [r, out], scale: []}` for this layer, the
+    low-rank update `scale * (x @ a) @ b` is added (DESIGN.md section 7); the base kernel is untouched.
+    """
+    features: int
+    use_bias: bool = True
+    init: str = "default"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        # x: [*, in] -> [*, features]
+        kernel = self.param("kernel", _KERNEL_INITS[self.init], (x.shape[-1], self.features), jnp.float32)
+        x = x.astype(self.dtype)
+        y = jnp.matmul(x, kernel.astype(self.dtype))
+        if self.has_variable("lora", "a"):
+            a = self.get_variable("lora", "a").astype(self.dtype)
+            b = self.get_variable("lora", "b").astype(self.dtype)
+            y = y + self.get_variable("lora", "scale").astype(self.dtype) * ((x @ a) @ b)
+        if self.use_bias:
+            bias_init = nn.initializers.ones if self.init == "gating" else nn.initializers.zeros
+            y = y + self.param("bias", bias_init, (self.features,), jnp.float32).astype(self.dtype)
+        return y
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, always computed in float32 (eps 1e-5 as OpenFold)."""
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(x.dtype)
+
+
+def chunk_layer(fn: Callable[..., Array], args: Sequence[Array], chunk_size: Optional[int],
+                no_batch_dims: int) -> Array:
+    """Apply a pure `fn(*args)` in chunks over the leading `no_batch_dims` axes (lax.map).
+
+    Arguments whose batch axes are all 1 (broadcast, e.g. a pair bias shared by every MSA row)
+    are passed whole; the others must have the full batch shape. Output equals `fn(*args)`.
+    """
+    batch_shape = jnp.broadcast_shapes(*(a.shape[:no_batch_dims] for a in args))
+    n = math.prod(batch_shape)
+    if chunk_size is None or n <= chunk_size:
+        return fn(*args)
+    shared = [all(d == 1 for d in a.shape[:no_batch_dims]) for a in args]
+    n_chunks = -(-n // chunk_size)
+    pad = n_chunks * chunk_size - n
+
+    def split(a: Array) -> Array:
+        a = a.reshape((n,) + a.shape[no_batch_dims:])
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape((n_chunks, chunk_size) + a.shape[1:])
+
+    chunked = [split(a) for a, s in zip(args, shared) if not s]
+
+    def one(xs: Sequence[Array]) -> Array:
+        it = iter(xs)
+        full = [a.reshape(a.shape[no_batch_dims:])[None] if s else next(it) for a, s in zip(args, shared)]
+        return fn(*full)
+
+    out = jax.lax.map(one, chunked)
+    out = out.reshape((n_chunks * chunk_size,) + out.shape[2:])[:n]
+    return out.reshape(batch_shape + out.shape[1:])
+
+
+def _attention_core(q: Array, k: Array, v: Array, *biases: Array) -> Array:
+    """softmax(q k^T + sum(biases)) v with float32 logits/softmax. q: [*, H, Q, C]; k, v: [*, H, K, C]."""
+    logits = jnp.einsum("...hqc,...hkc->...hqk", q, k, preferred_element_type=jnp.float32)
+    for b in biases:
+        logits = logits + b.astype(jnp.float32)
+    a = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("...hqk,...hkc->...hqc", a, v)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with optional gating and additive biases (masks and pair bias)
+    [Algorithms 7, 13, 14 core]. `c_hidden` is per head; output width equals q_x's."""
+    c_hidden: int
+    no_heads: int
+    gating: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, q_x: Array, kv_x: Array, biases: Sequence[Array] = (),
+                 chunk_size: Optional[int] = None) -> Array:
+        # q_x: [*, Q, C_q], kv_x: [*, K, C_k], biases broadcast to [*, H, Q, K]
+        h, c = self.no_heads, self.c_hidden
+        lin = lambda name, init, bias=False: Linear(h * c, use_bias=bias, init=init, dtype=self.dtype, name=name)
+        # [*, H, Q/K, C]
+        q = jnp.swapaxes(lin("linear_q", "glorot")(q_x).reshape(q_x.shape[:-1] + (h, c)), -2, -3)
+        k = jnp.swapaxes(lin("linear_k", "glorot")(kv_x).reshape(kv_x.shape[:-1] + (h, c)), -2, -3)
+        v = jnp.swapaxes(lin("linear_v", "glorot")(kv_x).reshape(kv_x.shape[:-1] + (h, c)), -2, -3)
+        q = q / math.sqrt(c)
+        no_batch = q.ndim - 3
+        biases = [b.reshape((1,) * (q.ndim - b.ndim) + b.shape) for b in biases]
+        o = chunk_layer(_attention_core, [q, k, v, *biases], chunk_size, no_batch)
+        o = jnp.swapaxes(o, -2, -3)  # [*, Q, H, C]
+        if self.gating:
+            g = jax.nn.sigmoid(lin("linear_g", "gating", True)(q_x))
+            o = o * g.reshape(g.shape[:-1] + (h, c))
+        o = o.reshape(o.shape[:-2] + (h * c,))
+        return Linear(q_x.shape[-1], init="final", dtype=self.dtype, name="linear_o")(o)
+
+
+class GlobalAttention(nn.Module):
+    """Global column attention of the extra-MSA stack [Algorithm 19]: one query per column
+    (mask-averaged), shared single-head keys/values."""
+    c_hidden: int
+    no_heads: int
+    inf: float
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, m: Array, mask: Array) -> Array:
+        # m: [*, N_res, N_seq, C_in], mask: [*, N_res, N_seq]
+        h, c = self.no_heads, self.c_hidden
+        mask = mask.astype(jnp.float32)
+        # [*, N_res, C_in]
+        q = jnp.sum(m.astype(jnp.float32) * mask[..., None], axis=-2) / (jnp.sum(mask, axis=-1)[..., None] + self.eps)
+        q = Linear(h * c, use_bias=False, init="glorot", dtype=self.dtype, name="linear_q")(q) * (c ** -0.5)
+        q = q.reshape(q.shape[:-1] + (h, c))  # [*, N_res, H, C]
+        k = Linear(c, use_bias=False, init="glorot", dtype=self.dtype, name="linear_k")(m)  # [*, N_res, N_seq, C]
+        v = Linear(c, use_bias=False, init="glorot", dtype=self.dtype, name="linear_v")(m)
+        bias = (self.inf * (mask - 1))[..., None, :]  # [*, N_res, 1, N_seq]
+        logits = jnp.einsum("...hc,...sc->...hs", q, k, preferred_element_type=jnp.float32) + bias
+        a = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        o = jnp.einsum("...hs,...sc->...hc", a, v)  # [*, N_res, H, C]
+        g = jax.nn.sigmoid(Linear(h * c, init="gating", dtype=self.dtype, name="linear_g")(m))
+        o = o[..., None, :, :] * g.reshape(g.shape[:-1] + (h, c))  # [*, N_res, N_seq, H, C]
+        o = o.reshape(o.shape[:-2] + (h * c,))
+        return Linear(m.shape[-1], init="final", dtype=self.dtype, name="linear_o")(o)

@@ -1,0 +1,66 @@
+"""Helpers for parity tests against the OpenFold reference (tools/install_openfold_reference.sh)."""
+from __future__ import annotations
+
+import importlib.util  # noqa: F401  (openfold.config uses importlib.util without importing it)
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("openfold", reason="OpenFold reference missing: run tools/install_openfold_reference.sh")
+
+from convert.torch_to_flax import state_dict_to_tree  # noqa: E402
+
+PARITY: list[tuple[str, float, float]] = []  # (what, max abs error, rel. error), for the report
+
+
+def randomize_(module: "torch.nn.Module", seed: int = 0) -> "torch.nn.Module":
+    """Overwrite every parameter with non-zero random values (OpenFold's default init zeroes
+    output layers and gates, which would hide bugs). Scales keep deep stacks finite."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(p.shape[-1]))
+            elif name.endswith("weight"):  # LayerNorm scale
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def flax_params(module: "torch.nn.Module") -> dict:
+    """A torch module's parameters as our Flax param tree (through the converter's table)."""
+    return state_dict_to_tree(module.state_dict())
+
+
+def to_torch(x: Any, dtype=None) -> "torch.Tensor":
+    t = torch.from_numpy(np.array(x))
+    return t if dtype is None else t.to(dtype)
+
+
+def rel_error(ours: Any, ref: Any) -> tuple[float, float]:
+    """(max |ours - ref|, that / max |ref|)."""
+    a = np.asarray(ours, dtype=np.float64)
+    b = ref.detach().double().numpy() if hasattr(ref, "detach") else np.asarray(ref, dtype=np.float64)
+    assert a.shape == b.shape, f"shape {a.shape} != reference {b.shape}"
+    assert np.all(np.isfinite(a)), "non-finite values in our output"
+    err = float(np.max(np.abs(a - b))) if a.size else 0.0
+    return err, err / max(float(np.max(np.abs(b))) if b.size else 0.0, 1e-30)
+
+
+def assert_parity(what: str, ours: Any, ref: Any, rtol: float = 1e-5) -> None:
+    """Assert rel. error (max abs error / max |ref|) <= rtol, and record it for the report."""
+    err, rel = rel_error(ours, ref)
+    PARITY.append((what, err, rel))
+    assert rel <= rtol, f"{what}: max abs error {err:.3e}, rel. error {rel:.3e} > {rtol:.0e}"
+
+
+def padded_mask(shape: tuple[int, ...], n_valid: int, axis: int = -1) -> np.ndarray:
+    """A 0/1 float mask of `shape` whose last entries along `axis` (beyond n_valid) are padding."""
+    m = np.ones(shape, np.float32)
+    idx = [slice(None)] * len(shape)
+    idx[axis] = slice(n_valid, None)
+    m[tuple(idx)] = 0.0
+    return m
