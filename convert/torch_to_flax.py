@@ -11,10 +11,19 @@ Our param paths are OpenFold's module names (DESIGN.md section 2), so the mappin
 | `<...>.layers.<i>.<rest>` (ModuleList)     | `<...>/layers_<i>/<rest>`                   | (Flax lists) |
 
 Both directions are total: an unused key or an unfilled / mis-shaped param raises, listing them.
+
+Real files come wrapped (`{"ema": {"params": sd}}`, Lightning `{"state_dict": {"model.<key>": ...}}`,
+`module.` prefixes) and in OpenFold v1 or v2 key layouts; `unwrap` and `to_v1_layout` normalise them.
+
+CLI: `python convert/torch_to_flax.py IN.pt OUT_DIR [--preset model_1_ptm]` writes a folder that
+`molfun_jax.pretrained.load_pretrained` reads. torch is imported only to read the `.pt` file.
 """
 from __future__ import annotations
 
+import argparse
 import re
+import sys
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -147,3 +156,148 @@ def check_tree(params: Mapping, expected: Mapping, what: str = "state dict") -> 
         if n > 60:
             lines.append(f"  ... {n} problems in all")
         raise ValueError("\n".join(lines))
+
+
+# OpenFold v2's `convert_deprecated_v1_keys` rules (v1 -> v2), applied in reverse to read v2 files.
+# v2 also moved every `template_*` module under `template_embedder.`.
+V1_TO_V2 = {
+    "template_angle_embedder": "template_single_embedder",
+    "core.msa_transition": "msa_transition",
+    "core.outer_product_mean": "outer_product_mean",
+    "core.tri_": "pair_stack.tri_",
+    "core.pair_transition": "pair_stack.pair_transition",
+    "ipa.linear_q_points": "ipa.linear_q_points.linear",
+    "ipa.linear_kv_points": "ipa.linear_kv_points.linear",
+}
+_V1_RE = re.compile("|".join(map(re.escape, V1_TO_V2)))
+_V2_RE = re.compile("|".join(map(re.escape, V1_TO_V2.values())))
+_V2_TO_V1 = {v: k for k, v in V1_TO_V2.items()}
+
+
+def v1_to_v2_key(key: str) -> str:
+    """OpenFold's own v1 -> v2 renaming of one key."""
+    new = _V1_RE.sub(lambda m: V1_TO_V2[m.group(0)], key)
+    return f"template_embedder.{new}" if new.startswith("template_") else new
+
+
+def is_v2_layout(keys: Any) -> bool:
+    return any(k.startswith("template_embedder.") or ".pair_stack." in k or "linear_q_points.linear" in k
+               or (k.startswith("evoformer.blocks.") and ".msa_transition." in k and ".core." not in k)
+               for k in keys)
+
+
+def to_v1_layout(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Map a v2-layout state dict to v1 keys (v1 input is returned unchanged: the rules are not
+    idempotent, so the layout is detected first)."""
+    if not is_v2_layout(state_dict):
+        return dict(state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        k = k[len("template_embedder."):] if k.startswith("template_embedder.") else k
+        out[_V2_RE.sub(lambda m: _V2_TO_V1[m.group(0)], k)] = v
+    return out
+
+
+def unwrap(obj: Any, source: str = "state dict") -> dict[str, Any]:
+    """Find the model state dict inside the containers real checkpoints come in."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source}: not an OpenFold checkpoint (a {type(obj).__name__}, not a dict of tensors)")
+    if "ema" in obj and isinstance(obj["ema"], Mapping) and "params" in obj["ema"]:
+        obj = obj["ema"]["params"]  # OpenFold training checkpoints: EMA weights are the ones to use
+    elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    elif "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    sd = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "model."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        sd[k] = v
+    if not any(k.startswith("evoformer.") for k in sd):
+        sample = ", ".join(list(sd)[:5]) or "no keys"
+        raise ValueError(f"{source}: not an OpenFold AlphaFold checkpoint (no 'evoformer.*' weights; found {sample})")
+    bad = [k for k, v in sd.items() if not (hasattr(v, "shape") and hasattr(v, "dtype"))]
+    if bad:
+        raise ValueError(f"{source}: entries that are not tensors: {bad[:5]}")
+    return sd
+
+
+def guess_preset(state_dict: Mapping[str, Any]) -> str:
+    """The OpenFold preset family a (v1) state dict looks like, for error messages."""
+    templ = any(k.startswith("template_") for k in state_dict)
+    ptm = any(k.startswith("aux_heads.tm.") for k in state_dict)
+    n = 1 + max((int(k.split(".")[2]) for k in state_dict if k.startswith("evoformer.blocks.")), default=-1)
+    return f"{'model_1/2' if templ else 'model_3/4/5'}{'_ptm' if ptm else ''}, {n} Evoformer blocks"
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], config: Any) -> dict:
+    """OpenFold state dict (v1 or v2 layout, wrapped or not) -> our params for `config`."""
+    from molfun_jax.model import param_shapes
+
+    sd = to_v1_layout(unwrap(state_dict))
+    params = state_dict_to_tree(sd)
+    try:
+        check_tree(params, param_shapes(config))
+    except ValueError as e:
+        raise ValueError(f"{e}\n(the checkpoint looks like {guess_preset(sd)})") from None
+    return params
+
+
+def flax_to_torch(params: Mapping, config: Any) -> dict[str, Any]:
+    """Our params -> OpenFold v1 state dict of torch tensors (checked against `config`)."""
+    import torch
+    from molfun_jax.model import param_shapes
+
+    check_tree(params, param_shapes(config), what="params")
+    return {k: torch.from_numpy(v) for k, v in tree_to_state_dict(params).items()}
+
+
+def load_torch_checkpoint(path: str | Path) -> Any:
+    """torch.load a `.pt` safely (weights only), with clear errors for bad files."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: not a weights-only PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the PyTorch file: truncated or corrupt ({str(e).splitlines()[0]})") from None
+
+
+def convert_file(in_path: str | Path, out_dir: str | Path, preset: str = "model_1_ptm") -> Path:
+    """Convert an OpenFold `.pt` into a `molfun_jax.pretrained` folder."""
+    from molfun_jax.config import model_config
+    from molfun_jax.pretrained import save_pretrained
+
+    obj = load_torch_checkpoint(in_path)
+    try:
+        params = torch_to_flax(unwrap(obj, str(in_path)), model_config(preset))
+    except ValueError as e:
+        raise ValueError(f"{in_path}: {e}") from None
+    return save_pretrained(out_dir, params, preset, source=str(in_path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Convert an OpenFold (v1 or v2) .pt checkpoint to molfun_jax weights.")
+    ap.add_argument("input", help="OpenFold .pt file (plain state dict, EMA or Lightning checkpoint)")
+    ap.add_argument("output", help="output folder (orbax params + meta.json)")
+    ap.add_argument("--preset", default="model_1_ptm", help="model preset the weights belong to (default model_1_ptm)")
+    args = ap.parse_args(argv)
+    try:
+        out = convert_file(args.input, args.output, args.preset)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Feature and geometry utilities (OpenFold `openfold/utils`)."""
