@@ -146,8 +146,9 @@ def check_tree(params: Mapping, expected: Mapping, what: str = "state dict") -> 
     if unused or unfilled or bad:
         lines = [f"{what} does not match the model config:"]
         for p in unused[:20]:
-            key = path_to_key(p, 0 if _is_stacked(p) else None)[0]
-            lines.append(f"  unused: {key} {got[p]}")
+            key, transpose = path_to_key(p, 0 if _is_stacked(p) else None)
+            shape = got[p][1:] if _is_stacked(p) else got[p]
+            lines.append(f"  unused: {key} {shape[::-1] if transpose else shape}")
         for p in unfilled[:20]:
             lines.append(f"  unfilled: {'/'.join(p)} {want[p]}")
         for p in bad[:20]:
