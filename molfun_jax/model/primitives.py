@@ -37,6 +37,8 @@ class Linear(nn.Module):
 
     When the `lora` collection holds `{a: [in, r], b: [r, out], scale: []}` for this layer, the
     low-rank update `scale * (x @ a) @ b` is added (DESIGN.md section 7); the base kernel is untouched.
+    An optional `dropout: []` leaf (the LoRA dropout rate) drops elements of the adapter's input x
+    when the apply has a 'dropout' RNG.
     """
     features: int
     use_bias: bool = True
@@ -52,7 +54,13 @@ class Linear(nn.Module):
         if self.has_variable("lora", "a"):
             a = self.get_variable("lora", "a").astype(self.dtype)
             b = self.get_variable("lora", "b").astype(self.dtype)
-            y = y + self.get_variable("lora", "scale").astype(self.dtype) * ((x @ a) @ b)
+            x_lora = x
+            if self.has_variable("lora", "dropout") and self.has_rng("dropout"):
+                # LoRA dropout on the adapter's input, active only when a 'dropout' RNG is given
+                rate = self.get_variable("lora", "dropout")
+                keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
+                x_lora = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
+            y = y + self.get_variable("lora", "scale").astype(self.dtype) * ((x_lora @ a) @ b)
         if self.use_bias:
             bias_init = nn.initializers.ones if self.init == "gating" else nn.initializers.zeros
             y = y + self.param("bias", bias_init, (self.features,), jnp.float32).astype(self.dtype)
@@ -80,13 +88,17 @@ def chunk_layer(fn: Callable[..., Array], args: Sequence[Array], chunk_size: Opt
     """Apply a pure `fn(*args)` in chunks over the leading `no_batch_dims` axes (lax.map).
 
     Arguments whose batch axes are all 1 (broadcast, e.g. a pair bias shared by every MSA row)
-    are passed whole; the others must have the full batch shape. Output equals `fn(*args)`.
+    are passed whole; those with the full batch shape are split; those broadcast along only some
+    batch axes (e.g. a triangle bias [T, 1, H, I, J] under a template axis) are gathered per
+    chunk. Output equals `fn(*args)`.
     """
-    batch_shape = jnp.broadcast_shapes(*(a.shape[:no_batch_dims] for a in args))
+    batch_shape = tuple(jnp.broadcast_shapes(*(a.shape[:no_batch_dims] for a in args)))
     n = math.prod(batch_shape)
     if chunk_size is None or n <= chunk_size:
         return fn(*args)
     shared = [all(d == 1 for d in a.shape[:no_batch_dims]) for a in args]
+    whole = [tuple(a.shape[:no_batch_dims]) == batch_shape for a in args]
+    gathered = any(not (s or w) for s, w in zip(shared, whole))
     n_chunks = -(-n // chunk_size)
     pad = n_chunks * chunk_size - n
 
@@ -95,12 +107,22 @@ def chunk_layer(fn: Callable[..., Array], args: Sequence[Array], chunk_size: Opt
         a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
         return a.reshape((n_chunks, chunk_size) + a.shape[1:])
 
-    chunked = [split(a) for a, s in zip(args, shared) if not s]
+    chunked = [split(a) for a, s, w in zip(args, shared, whole) if w and not s]
+    if gathered:  # flat batch indices of each chunk (padding repeats index 0)
+        chunked.append(split(jnp.arange(n)))
 
     def one(xs: Sequence[Array]) -> Array:
         it = iter(xs)
-        full = [a.reshape(a.shape[no_batch_dims:])[None] if s else next(it) for a, s in zip(args, shared)]
-        return fn(*full)
+        pos = jnp.unravel_index(xs[-1], batch_shape) if gathered else None
+
+        def pick(a: Array, s: bool, w: bool) -> Array:
+            if s:
+                return a.reshape(a.shape[no_batch_dims:])[None]
+            if w:
+                return next(it)
+            return jnp.asarray(a)[tuple(p if d > 1 else 0 for p, d in zip(pos, a.shape[:no_batch_dims]))]
+
+        return fn(*(pick(a, s, w) for a, s, w in zip(args, shared, whole)))
 
     out = jax.lax.map(one, chunked)
     out = out.reshape((n_chunks * chunk_size,) + out.shape[2:])[:n]

@@ -1,0 +1,48 @@
+"""Outer product mean (OpenFold `openfold/model/outer_product_mean.py`) [Algorithm 10]."""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from molfun_jax.model.primitives import LayerNorm, Linear, chunk_layer
+
+Array = jax.Array
+
+
+class OuterProductMean(nn.Module):
+    """MSA -> pair update: the outer product of two projections, averaged over the (masked)
+    sequences [Algorithm 10]. As OpenFold, the mean divides by (number of sequence pairs
+    unmasked at both residues) + eps, with eps = 1e-3 (not the config eps)."""
+    c_m: int
+    c_z: int
+    c_hidden: int
+    eps: float = 1e-3
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, m: Array, mask: Optional[Array] = None, chunk_size: Optional[int] = None) -> Array:
+        # m: [*, N_seq, N_res, C_m], mask: [*, N_seq, N_res] -> [*, N_res, N_res, C_z]
+        if mask is None:
+            mask = jnp.ones(m.shape[:-1], jnp.float32)
+        mask = mask[..., None]  # [*, N_seq, N_res, 1]
+        ln = LayerNorm(name="layer_norm")(m)
+        a = Linear(self.c_hidden, dtype=self.dtype, name="linear_1")(ln) * mask.astype(self.dtype)
+        b = Linear(self.c_hidden, dtype=self.dtype, name="linear_2")(ln) * mask.astype(self.dtype)
+        a = jnp.swapaxes(a, -2, -3)  # [*, N_res, N_seq, C]
+        b = jnp.swapaxes(b, -2, -3)
+        linear_out = Linear(self.c_z, init="final", dtype=self.dtype, name="linear_out")
+
+        def opm(a_: Array, b_: Array) -> Array:
+            # a_: [*, N_seq, C] (one residue i), b_: [*, N_res, N_seq, C] -> [*, N_res, C_z]
+            outer = jnp.einsum("...sc,...jse->...jce", a_, b_, preferred_element_type=jnp.float32)
+            return linear_out(outer.reshape(outer.shape[:-2] + (-1,)))
+
+        # chunks over the first residue axis as OpenFold; params are created unchunked
+        outer = chunk_layer(opm, [a, b[..., None, :, :, :]],
+                            None if self.is_initializing() else chunk_size, a.ndim - 2)
+        # [*, N_res, N_res, 1]
+        norm = jnp.einsum("...abc,...adc->...bdc", mask, mask) + self.eps
+        return (outer / norm).astype(self.dtype)
