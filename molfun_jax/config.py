@@ -134,8 +134,10 @@ def model_config(name: str, train: bool = False, low_prec: bool = False) -> mlc.
         c.globals.num_recycles = 1
     if train:
         c.globals.remat = True
-    if low_prec:
-        c.globals.eps = 1e-4
+    if low_prec:  # OpenFold's `eps` FieldReference feeds every eps below
+        m = c.model
+        c.globals.eps = m.template.eps = m.evoformer_stack.eps = m.extra_msa.extra_msa_stack.eps = 1e-4
+        m.structure_module.epsilon = 1e-4
         _set_inf(c, 1e4)
     return c
 
