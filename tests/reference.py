@@ -64,3 +64,30 @@ def padded_mask(shape: tuple[int, ...], n_valid: int, axis: int = -1) -> np.ndar
     idx[axis] = slice(n_valid, None)
     m[tuple(idx)] = 0.0
     return m
+
+
+def openfold_data():
+    """OpenFold's data modules (`protein`, `mmcif_parsing`, `data_pipeline`, `feature_pipeline`,
+    `data_transforms`, `config`), made importable on this install: NumPy 2 dropped `np.object`
+    (used by openfold.data.templates) and Biopython >= 1.82 dropped `Bio.Data.SCOPData` (used by
+    openfold.data.mmcif_parsing); its `protein_letters_3to1` lives on, unchanged, as
+    `Bio.Data.PDBData.protein_letters_3to1_extended`."""
+    import sys
+    import types
+
+    import Bio.Data
+    from Bio.Data import PDBData
+
+    if "object" not in vars(np):
+        np.object = object  # type: ignore[attr-defined]
+    if "Bio.Data.SCOPData" not in sys.modules:
+        scop = types.ModuleType("Bio.Data.SCOPData")
+        scop.protein_letters_3to1 = PDBData.protein_letters_3to1_extended
+        sys.modules["Bio.Data.SCOPData"] = scop
+        Bio.Data.SCOPData = scop
+    from openfold import config
+    from openfold.data import data_pipeline, data_transforms, feature_pipeline, mmcif_parsing
+    from openfold.np import protein
+    return types.SimpleNamespace(protein=protein, mmcif_parsing=mmcif_parsing, data_pipeline=data_pipeline,
+                                 feature_pipeline=feature_pipeline, data_transforms=data_transforms,
+                                 config=config)

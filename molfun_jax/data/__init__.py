@@ -1,0 +1,30 @@
+"""Data: real structures (and precomputed OpenFold features) in, model-ready batches out.
+
+    parsed = parse_structure("1hvr.pdb")                 # Biopython, PDB / mmCIF, gzip or not
+    feats = make_features(parsed)                        # one example, OpenFold feature names
+    ds = AffinityDataset.from_csv("data.csv", "structures/")
+    train, val, test = identity_split(ds, (0.8, 0.1, 0.1), threshold=0.3)
+    for batch in train.batches(4, shuffle=True): ...      # leading batch axis, one bucket each
+
+Precomputed `.pkl` features are unpickled (which can run code): load only your own files.
+"""
+from molfun_jax.data.buckets import (CROP_MODES, DEFAULT_BUCKETS, FEATURE_AXES, bucket_length, collate,
+                                     crop_features, crop_indices, pad_features)
+from molfun_jax.data.dataset import (AffinityDataset, BadEntry, DatasetConfig, Entry, build_example,
+                                     render_bad_entries)
+from molfun_jax.data.errors import DataError, EntryError, StructureError
+from molfun_jax.data.features import FeatureConfig, ligand_distance, make_features, pocket_mask
+from molfun_jax.data.parsing import chain_sequences, parse_structure
+from molfun_jax.data.precomputed import align_precomputed, load_precomputed
+from molfun_jax.data.splits import (identity_clusters, identity_split, identity_split_indices, random_split,
+                                    random_split_indices, sequence_identity, temporal_split,
+                                    temporal_split_indices)
+
+__all__ = [
+    "AffinityDataset", "BadEntry", "CROP_MODES", "DEFAULT_BUCKETS", "DataError", "DatasetConfig", "Entry",
+    "EntryError", "FEATURE_AXES", "FeatureConfig", "StructureError", "align_precomputed", "bucket_length",
+    "build_example", "chain_sequences", "collate", "crop_features", "crop_indices", "identity_clusters",
+    "identity_split", "identity_split_indices", "ligand_distance", "load_precomputed", "make_features",
+    "pad_features", "parse_structure", "pocket_mask", "random_split", "random_split_indices",
+    "render_bad_entries", "sequence_identity", "temporal_split", "temporal_split_indices",
+]

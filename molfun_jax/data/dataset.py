@@ -1,0 +1,361 @@
+"""`AffinityDataset`: a CSV of `pdb_id,affinity` (+ optional `year`, `resolution`, `chain`,
+`ligand`, any other column kept as metadata), a folder of structures `{pdb_id}.cif|.pdb[.gz]`
+and optionally a folder of precomputed OpenFold features `{pdb_id}.pkl|.npz` in; examples
+(model features padded to a length bucket, plus `target`) out.
+
+Bad entries (missing or broken files, bad affinities, duplicate ids, no protein, too long with
+cropping off, ...) are collected, reported in one table, and left out; loading fails only when
+nothing is left, or on any bad entry with `strict=True`.
+
+Precomputed `.pkl` files are unpickled, which can run code: use only your own feature folder
+(see `molfun_jax.data.precomputed`); `.npz` is safe.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import re
+import zlib
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from molfun_jax.data.buckets import (CROP_MODES, DEFAULT_BUCKETS, bucket_length, collate, crop_features,
+                                     crop_indices, pad_features)
+from molfun_jax.data.errors import DataError, EntryError, StructureError
+from molfun_jax.data.features import FeatureConfig, ligand_distance, make_features
+from molfun_jax.data.parsing import chain_sequences, parse_structure
+from molfun_jax.data.precomputed import FEATURE_SUFFIXES, align_precomputed, load_precomputed
+
+PathLike = Union[str, Path]
+Example = dict[str, np.ndarray]
+STRUCTURE_SUFFIXES = tuple(s + gz for s in (".cif", ".mmcif", ".pdb", ".ent") for gz in ("", ".gz"))
+_LIST_SPLIT = re.compile(r"[,;\s]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    """How entries become examples.
+
+    buckets: padded lengths; an entry goes to the smallest bucket that holds it.
+    crop: 'spatial' (residues nearest the ligand), 'contiguous' (a window around the pocket) or
+        None (entries longer than the largest bucket are bad entries); without a ligand both
+        crops keep the first residues.
+    features: `FeatureConfig` of `make_features` (its `msa_seed` is combined with each entry's
+        id, so every entry has its own fixed MSA sampling).
+    modified_residues: see `parse_structure`.
+    """
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    crop: Optional[str] = "spatial"
+    features: FeatureConfig = FeatureConfig()
+    modified_residues: str = "parent"
+
+    def __post_init__(self) -> None:
+        if self.crop is not None and self.crop not in CROP_MODES:
+            raise ValueError(f"crop={self.crop!r}; choose one of {CROP_MODES} or None")
+        if not self.buckets or any(b < 1 for b in self.buckets):
+            raise ValueError(f"buckets must be positive lengths, got {self.buckets}")
+        object.__setattr__(self, "buckets", tuple(sorted(set(self.buckets))))
+
+
+@dataclasses.dataclass
+class Entry:
+    """One usable CSV entry (`n_res`: residues before cropping; `bucket`: padded length)."""
+    pdb_id: str
+    target: float
+    row: int
+    structure: Path
+    features: Optional[Path] = None
+    chains: Optional[tuple[str, ...]] = None
+    ligands: Optional[tuple[str, ...]] = None
+    year: Optional[int] = None
+    resolution: Optional[float] = None
+    sequences: tuple[str, ...] = ()
+    n_res: int = 0
+    bucket: int = 0
+    cropped: bool = False
+    meta: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Unique id: `pdb_id`, plus `_chains` when the CSV selects chains."""
+        return self.pdb_id + ("_" + "".join(self.chains) if self.chains else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class BadEntry:
+    """A CSV entry left out, and why."""
+    row: Optional[int]
+    pdb_id: str
+    path: Optional[str]
+    reason: str
+
+
+def _index_dir(folder: Optional[PathLike]) -> dict[str, Path]:
+    """Lower-cased file name -> path of the files in `folder`."""
+    if folder is None:
+        return {}
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a directory")
+    return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _find(index: dict[str, Path], pdb_id: str, suffixes: Sequence[str]) -> Optional[Path]:
+    for s in suffixes:
+        p = index.get(pdb_id.lower() + s)
+        if p is not None:
+            return p
+    return None
+
+
+def _optional(value: Optional[str], kind: type, what: str, pdb_id: str, row: int) -> Any:
+    """A CSV number (None when empty): finite, and whole for `int`."""
+    if value is None or not value.strip():
+        return None
+    try:
+        x = float(value)
+    except ValueError:
+        raise EntryError(pdb_id, f"{what} {value.strip()!r} is not a number", row) from None
+    if not math.isfinite(x):
+        raise EntryError(pdb_id, f"{what} {value.strip()!r} is not a finite number", row)
+    if kind is int and not x.is_integer():
+        raise EntryError(pdb_id, f"{what} {value.strip()!r} is not a whole number", row)
+    return kind(x)
+
+
+def _names(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    if value is None or not value.strip():
+        return None
+    return tuple(v for v in _LIST_SPLIT.split(value.strip()) if v)
+
+
+def _read_csv(csv_path: Path) -> list[dict[str, str]]:
+    """The rows, keys lower-cased; the file must have `pdb_id` and `affinity` columns."""
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: CSV file not found")
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        fields = [(c or "").strip() for c in (reader.fieldnames or [])]
+        rows = [{(k or "").strip().lower(): (v if isinstance(v, str) else "") for k, v in r.items()} for r in reader]
+    lower = [c.lower() for c in fields]
+    missing = [c for c in ("pdb_id", "affinity") if c not in lower]
+    if missing:
+        raise DataError(f"{csv_path}: no {' / '.join(repr(m) for m in missing)} column (columns: {fields})")
+    return rows
+
+
+def _bad_table(bad: Sequence[BadEntry], title: str) -> Table:
+    table = Table(title=title, show_lines=False)
+    for col in ("row", "pdb_id", "file", "reason"):
+        table.add_column(col, overflow="fold")
+    for b in bad:
+        table.add_row("" if b.row is None else str(b.row), b.pdb_id, b.path or "", b.reason)
+    return table
+
+
+def render_bad_entries(bad: Sequence[BadEntry], title: str = "Bad entries", width: int = 160) -> str:
+    """The bad-entry table as plain text."""
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    console.print(_bad_table(bad, title))
+    return console.file.getvalue()
+
+
+class AffinityDataset:
+    """Examples of (structure, affinity) pairs; `dataset[i]` is one example: model features
+    padded to the entry's bucket (`molfun_jax.data.buckets`) plus a float32 `target`."""
+
+    def __init__(self, entries: Sequence[Entry], config: DatasetConfig = DatasetConfig(),
+                 examples: Optional[Sequence[Example]] = None, bad: Sequence[BadEntry] = (),
+                 depths: tuple[int, int, int] = (1, 1, 1)) -> None:
+        self.entries = list(entries)
+        self.config = config
+        self.bad = list(bad)
+        self.depths = depths  # (MSA rows, extra-MSA rows, templates) every example is padded to
+        self._examples = None if examples is None else list(examples)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_csv(cls, csv_path: PathLike, structures_dir: PathLike, features_dir: Optional[PathLike] = None, *,
+                 config: Optional[DatasetConfig] = None, strict: bool = False, report: bool = True,
+                 lazy: bool = False, **config_overrides: Any) -> "AffinityDataset":
+        """Load a CSV of `pdb_id,affinity` entries.
+
+        Args:
+            csv_path: columns `pdb_id`, `affinity` (required), `year`, `resolution`, `chain`
+                (e.g. `A` or `A,B`), `ligand` (residue name(s), e.g. `XK2`), others kept in
+                `Entry.meta`.
+            structures_dir: `{pdb_id}.cif|.mmcif|.pdb|.ent`, optionally `.gz` (case-insensitive).
+            features_dir: optional precomputed OpenFold features `{pdb_id}.pkl|.npz`; pickles
+                are unpickled: trusted (your own) files only.
+            config / config_overrides: `DatasetConfig` (e.g. `crop=None`, `buckets=(128, 256)`,
+                `features=FeatureConfig(templates=False)`).
+            strict: fail on any bad entry (after checking them all).
+            report: print the bad-entry table (rich, to stderr).
+            lazy: keep no features in memory; rebuild each example (deterministically) on access.
+
+        Raises:
+            DataError: no usable entry (or, `strict`, any bad entry), with the table of reasons.
+        """
+        cfg = dataclasses.replace(config or DatasetConfig(), **config_overrides)
+        csv_path = Path(csv_path)
+        rows = _read_csv(csv_path)
+        structures = _index_dir(structures_dir)
+        features = _index_dir(features_dir)
+        fc = cfg.features
+        depths = (fc.max_msa_clusters, max(fc.max_extra_msa, 1), fc.max_templates) if features_dir else (1, 1, 1)
+        known = {"pdb_id", "affinity", "year", "resolution", "chain", "ligand"}
+
+        entries, examples, bad, seen = [], [], [], {}
+        for row, r in enumerate(rows, start=2):
+            pdb_id = (r.get("pdb_id") or "").strip()
+            path = None
+            try:
+                if not pdb_id:
+                    raise EntryError("", "empty pdb_id", row)
+                target = _optional(r.get("affinity"), float, "affinity", pdb_id, row)
+                if target is None:
+                    raise EntryError(pdb_id, "no affinity value", row)
+                entry = Entry(pdb_id=pdb_id, target=target, row=row, structure=Path(), chains=_names(r.get("chain")),
+                              ligands=_names(r.get("ligand")), year=_optional(r.get("year"), int, "year", pdb_id, row),
+                              resolution=_optional(r.get("resolution"), float, "resolution", pdb_id, row),
+                              meta={k: v for k, v in r.items() if k not in known})
+                key = (pdb_id.lower(), entry.chains)
+                if key in seen:
+                    raise EntryError(pdb_id, f"duplicate entry (first at row {seen[key]})", row)
+                seen[key] = row
+                path = _find(structures, pdb_id, STRUCTURE_SUFFIXES)
+                if path is None:
+                    raise EntryError(pdb_id, f"no structure file {pdb_id}{{.cif,.pdb}}[.gz] in {structures_dir}", row)
+                entry.structure = path
+                if features_dir is not None:
+                    entry.features = _find(features, pdb_id, FEATURE_SUFFIXES)
+                    if entry.features is None:
+                        raise EntryError(pdb_id, f"no precomputed features {pdb_id}.pkl|.npz in {features_dir}",
+                                         row, path)
+                example = build_example(entry, cfg, depths)
+            except Exception as e:  # a bad entry, whatever went wrong, must not stop the others
+                if isinstance(e, (StructureError, EntryError)):
+                    reason = e.reason
+                else:
+                    reason = str(e) if isinstance(e, DataError) else f"unexpected {type(e).__name__}: {e}"
+                where = getattr(e, "path", None) or path
+                bad.append(BadEntry(row, pdb_id, None if where is None else str(where), reason))
+                continue
+            entries.append(entry)
+            examples.append(example)
+
+        ds = cls(entries, cfg, None if lazy else examples, bad, depths)
+        if bad and report:
+            Console(stderr=True).print(_bad_table(bad, f"{csv_path.name}: {len(bad)} bad of {len(rows)} entries "
+                                                        f"(left out)"))
+        if not entries or (strict and bad):
+            why = "no usable entry" if not entries else f"{len(bad)} bad entries (strict mode)"
+            raise DataError(f"{csv_path}: {why}\n" + render_bad_entries(bad))
+        return ds
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> Example:
+        if self._examples is not None:
+            return self._examples[i]
+        return build_example(self.entries[i], self.config, self.depths)
+
+    def __iter__(self) -> Iterator[Example]:
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{b}: {len(ix)}" for b, ix in self.buckets().items())
+        return f"AffinityDataset({len(self)} entries; buckets {{{sizes}}}; {len(self.bad)} bad)"
+
+    def subset(self, indices: Sequence[int]) -> "AffinityDataset":
+        """The entries `indices` (sharing this dataset's examples and config)."""
+        idx = [int(i) for i in indices]
+        ex = None if self._examples is None else [self._examples[i] for i in idx]
+        return type(self)([self.entries[i] for i in idx], self.config, ex, self.bad, self.depths)
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.key for e in self.entries]
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.asarray([e.target for e in self.entries], np.float32)
+
+    @property
+    def years(self) -> list[Optional[int]]:
+        return [e.year for e in self.entries]
+
+    @property
+    def chain_sequences(self) -> list[tuple[str, ...]]:
+        return [e.sequences for e in self.entries]
+
+    def buckets(self) -> dict[int, list[int]]:
+        """Bucket length -> indices of its entries."""
+        out: dict[int, list[int]] = {}
+        for i, e in enumerate(self.entries):
+            out.setdefault(e.bucket, []).append(i)
+        return dict(sorted(out.items()))
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
+                drop_last: bool = False) -> Iterator[Example]:
+        """Collated batches (leading batch axis), each from one bucket; with `shuffle`, entries
+        are shuffled within buckets and batches across buckets (seeded)."""
+        rng = np.random.default_rng(seed)
+        groups = []
+        for idx in self.buckets().values():
+            idx = list(rng.permutation(idx)) if shuffle else idx
+            groups += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)
+                       if not drop_last or i + batch_size <= len(idx)]
+        order = rng.permutation(len(groups)) if shuffle else range(len(groups))
+        for g in order:
+            yield collate([self[i] for i in groups[g]])
+
+    def report(self) -> str:
+        """The bad-entry table as text ('' when there is none)."""
+        return render_bad_entries(self.bad) if self.bad else ""
+
+
+def build_example(entry: Entry, config: DatasetConfig, depths: tuple[int, int, int]) -> Example:
+    """Parse, featurise, crop (if longer than the largest bucket) and pad one entry; fills in
+    the entry's `sequences`, `n_res`, `bucket`, `cropped` and, where the CSV has none, `year`
+    (release year) and `resolution` from the structure's header."""
+    parsed = parse_structure(entry.structure, entry.chains, ligands=entry.ligands,
+                             modified_residues=config.modified_residues)
+    precomputed = None
+    if entry.features is not None:
+        precomputed = align_precomputed(load_precomputed(entry.features), parsed["sequence"], entry.features)
+    fc = config.features
+    seed = fc.msa_seed
+    if seed is not None:
+        seed = (*np.atleast_1d(seed).tolist(), zlib.crc32(entry.key.encode()))
+    feats = make_features(parsed, precomputed, fc, msa_seed=seed)
+
+    n = len(parsed["aatype"])
+    entry.sequences = tuple(chain_sequences(parsed))
+    entry.n_res = n
+    if entry.year is None and parsed["release_date"]:
+        entry.year = int(parsed["release_date"][:4])
+    if entry.resolution is None:
+        entry.resolution = parsed["resolution"]
+    bucket = bucket_length(n, config.buckets)
+    entry.cropped = bucket is None
+    if bucket is None:
+        largest = config.buckets[-1]
+        if config.crop is None:
+            raise EntryError(entry.pdb_id, f"{n} residues, longer than the largest bucket ({largest}), and "
+                                           "cropping is off", entry.row, entry.structure)
+        idx = crop_indices(n, largest, config.crop, ligand_distance(parsed), fc.pocket_cutoff)
+        feats = crop_features(feats, idx)
+        bucket = largest
+    entry.bucket = bucket
+    feats = pad_features(feats, bucket, *depths)
+    feats["target"] = np.float32(entry.target)
+    return feats
