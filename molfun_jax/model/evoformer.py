@@ -153,45 +153,25 @@ class EvoformerBlock(nn.Module):
                                           inf=self.inf, dtype=self.dtype, name="msa_att_row")
         m = add(m, DropoutRowwise(self.msa_dropout, name="msa_dropout_layer")(
             row(m, z=z, mask=msa_mask, chunk_size=chunk_size), deterministic))
-        m = add(m, MSAColumnAttention(self.c_m, self.c_hidden_msa_att, self.no_heads_msa, inf=self.inf,
-                                      dtype=self.dtype, name="msa_att_col")(m, mask=msa_mask, chunk_size=chunk_size))
+        m = add(m, self.column_attention()(m, mask=msa_mask, chunk_size=chunk_size))
         return _core(self, name="core")(m, z, msa_mask, pair_mask, chunk_size, deterministic)
 
+    def column_attention(self) -> nn.Module:
+        return MSAColumnAttention(self.c_m, self.c_hidden_msa_att, self.no_heads_msa, inf=self.inf,
+                                  dtype=self.dtype, name="msa_att_col")
 
-class ExtraMSABlock(nn.Module):
+
+class ExtraMSABlock(EvoformerBlock):
     """One extra-MSA block [Algorithm 18, lines 2-17]: as EvoformerBlock (same order: row
     attention with pair bias + row-wise dropout, column attention, core) but with global column
-    attention [Algorithm 19], which uses `eps`."""
-    c_m: int
-    c_z: int
-    c_hidden_msa_att: int
-    c_hidden_opm: int
-    c_hidden_mul: int
-    c_hidden_pair_att: int
-    no_heads_msa: int
-    no_heads_pair: int
-    transition_n: int
-    msa_dropout: float
-    pair_dropout: float
-    inf: float
-    eps: float
-    dtype: jnp.dtype = jnp.float32
+    attention [Algorithm 19], which uses `eps`. m: [*, N_extra, N_res, C_e]."""
 
-    @nn.compact
-    def __call__(self, m: Array, z: Array, msa_mask: Array, pair_mask: Array,
-                 chunk_size: Optional[int] = None, deterministic: bool = True) -> tuple[Array, Array]:
-        # m: [*, N_extra, N_res, C_e], z: [*, N_res, N_res, C_z]
-        row = MSARowAttentionWithPairBias(self.c_m, self.c_hidden_msa_att, self.no_heads_msa, c_z=self.c_z,
-                                          inf=self.inf, dtype=self.dtype, name="msa_att_row")
-        m = add(m, DropoutRowwise(self.msa_dropout, name="msa_dropout_layer")(
-            row(m, z=z, mask=msa_mask, chunk_size=chunk_size), deterministic))
-        m = add(m, MSAColumnGlobalAttention(self.c_m, self.c_hidden_msa_att, self.no_heads_msa, inf=self.inf,
-                                            eps=self.eps, dtype=self.dtype, name="msa_att_col")(
-            m, mask=msa_mask, chunk_size=chunk_size))
-        return _core(self, name="core")(m, z, msa_mask, pair_mask, chunk_size, deterministic)
+    def column_attention(self) -> nn.Module:
+        return MSAColumnGlobalAttention(self.c_m, self.c_hidden_msa_att, self.no_heads_msa, inf=self.inf,
+                                        eps=self.eps, dtype=self.dtype, name="msa_att_col")
 
 
-def _core(b: EvoformerBlock | ExtraMSABlock, name: str) -> EvoformerBlockCore:
+def _core(b: EvoformerBlock, name: str) -> EvoformerBlockCore:
     return EvoformerBlockCore(b.c_m, b.c_z, b.c_hidden_opm, b.c_hidden_mul, b.c_hidden_pair_att, b.no_heads_pair,
                               b.transition_n, b.pair_dropout, b.inf, dtype=b.dtype, name=name)
 
