@@ -1,0 +1,58 @@
+"""Data parallelism over all devices of all processes: a 1-D device mesh with axis 'data';
+the train step runs under `jax.shard_map` (each device takes a slice of the batch, gradients are
+summed with `lax.psum`, the update runs replicated), i.e. pmap + pmean semantics on global arrays,
+so the same code runs on one device, several local devices and several hosts."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+# environment variables by which a cluster launcher announces a multi-process run
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None) -> bool:
+    """Start JAX's multi-host runtime (`jax.distributed.initialize`) when this is a multi-process
+    run: explicit arguments, or a cluster launcher's environment (SLURM, Open MPI, TPU pods,
+    `JAX_COORDINATOR_ADDRESS`). A no-op for a single process. Call before any other JAX call.
+    Returns whether the distributed runtime was started."""
+    explicit = coordinator_address is not None or num_processes is not None
+    multi = explicit or (any(k in os.environ for k in _CLUSTER_ENV) and _env_processes() != 1)
+    if not multi:
+        return False
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+    return True
+
+
+def _env_processes() -> Optional[int]:
+    for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if k in os.environ:
+            return int(os.environ[k])
+    return None
+
+
+def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A 1-D mesh ('data',) over `devices` (default: every device of every process)."""
+    return Mesh(np.asarray(list(devices) if devices is not None else jax.devices()), (DATA_AXIS,))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Put a pytree on every device of the mesh (the same value in every process)."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(batch: Any, mesh: Mesh, axis: int = 0) -> Any:
+    """Global arrays of a host batch split along `axis` (the example axis) over the mesh. Every
+    process passes the same global batch and contributes the shards of its own devices."""
+    def put(x: np.ndarray) -> jax.Array:
+        x = np.asarray(x)
+        sharding = NamedSharding(mesh, P(*([None] * axis), DATA_AXIS))
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return jax.tree_util.tree_map(put, batch)

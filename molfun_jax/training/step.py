@@ -1,0 +1,185 @@
+"""The model as pure functions, the train state, and the one jitted train step (DESIGN.md
+section 9).
+
+Train state (a plain pytree): `{'step', 'trainable', 'opt_state', 'rng'[, 'ema']}`; the frozen
+subtree (`Plan.split`) is a separate, non-differentiated argument of the step, so the gradient is
+taken w.r.t. the trainable subtree only (head-only never back-propagates through the trunk).
+
+A step consumes one accumulation group: every batch leaf is `[k, B, ...]` (k micro-batches of B
+examples) with per-example `weight` (1 real, 0 padding) and normalised `target`. The gradient is
+sum_i w_i grad(loss_i) / sum_i w_i over all k*B examples (and all devices), so k micro-batches
+give the update of one batch of their union; a micro-batch whose weights are all 0 (the padding
+of an epoch's last, partial group) is skipped with `lax.cond`. Then global-norm clipping and the
+plan's optimizer, and the EMA `ema <- d * ema + (1 - d) * params` of the trainable params.
+
+Data parallel: the step runs under `jax.shard_map` over the mesh axis 'data' (batch axis 1 split
+over devices, state replicated) with `lax.psum` of gradient, loss and weight sums. The dropout
+key of an example is `fold_in(fold_in(rng, step), i * B + b)` for micro-batch i and global
+position b, i.e. its position in the group: the update depends neither on the number of devices
+nor on how the group is cut into micro-batches.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from molfun_jax.heads.affinity import AffinityHead, HeadConfig, affinity_loss
+from molfun_jax.lora import init_lora
+from molfun_jax.model import AlphaFold
+from molfun_jax.training.distributed import DATA_AXIS
+from molfun_jax.training.strategies import Plan, Strategy
+
+Array = jax.Array
+# batch keys that are not model inputs
+LABEL_KEYS = ("target", "weight")
+# an example holding this key is a cached trunk output (head-only fast path): the trunk is skipped
+CACHED_KEY = "single"
+HEAD_INPUT_KEYS = ("single", "seq_mask", "pocket_mask")
+
+
+def with_dtype(config: mlc.ConfigDict, dtype: str) -> mlc.ConfigDict:
+    """A copy of a model config with compute dtype `dtype` ('float32' | 'bfloat16')."""
+    c = copy.deepcopy(config)
+    c.globals.dtype = dtype
+    return c
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AffinityModel:
+    """AlphaFold trunk + affinity head as pure functions of `variables = {'trunk', 'head', 'lora'}`
+    on ONE example (vmap for batches).
+
+    `trunk_dropout`: run the trunk's own dropout (OpenFold's rates) while training; off by
+    default (the trunk is run deterministically; the head's dropout and the LoRA dropout still
+    apply when an RNG is given).
+    """
+    config: mlc.ConfigDict
+    head_config: HeadConfig = HeadConfig()
+    trunk_dropout: bool = False
+
+    @property
+    def head(self) -> AffinityHead:
+        return AffinityHead.from_config(self.head_config)
+
+    def init_variables(self, trunk_params: Mapping[str, Any], strategy: Strategy, rng: Array) -> dict:
+        """Variables around pretrained trunk params: a fresh head and, for LoRA, fresh adapters."""
+        k_head, k_lora = jax.random.split(rng)
+        c_s = self.config.model.evoformer_stack.c_s
+        head = self.head.init(k_head, jnp.zeros((1, c_s), jnp.float32), jnp.ones((1,), jnp.float32))["params"]
+        lcfg = strategy.lora_config()
+        lora = init_lora(trunk_params, lcfg, k_lora) if lcfg is not None else {}
+        return {"trunk": trunk_params, "head": head, "lora": lora}
+
+    def single(self, variables: Mapping[str, Any], ex: Mapping[str, Array], rng: Optional[Array] = None) -> Array:
+        """The single representation the head reads, [N_res, C_s]."""
+        coll = {"params": variables["trunk"]}
+        if variables.get("lora"):
+            coll["lora"] = variables["lora"]
+        deterministic = rng is None or not self.trunk_dropout
+        out = AlphaFold(self.config).apply(coll, ex, deterministic=deterministic,
+                                           rngs={"dropout": rng} if rng is not None else None)
+        return out["single"] if self.head_config.source == "evoformer" else out["sm"]["single"]
+
+    def predict(self, variables: Mapping[str, Any], ex: Mapping[str, Array], rng: Optional[Array] = None) -> Array:
+        """Predicted (normalised) affinity of one example; training mode when `rng` is given.
+        An example with a cached `single` skips the trunk."""
+        k_trunk, k_head = jax.random.split(rng) if rng is not None else (None, None)
+        single = ex[CACHED_KEY] if CACHED_KEY in ex else self.single(variables, ex, k_trunk)
+        return self.head.apply({"params": variables["head"]}, single, ex["seq_mask"], ex.get("pocket_mask"),
+                               deterministic=rng is None, rngs={"dropout": k_head} if rng is not None else None)
+
+
+def init_state(plan: Plan, variables: Mapping[str, Any], tx: optax.GradientTransformation, rng: Array,
+               ema_decay: float = 0.0) -> tuple[dict, dict]:
+    """(train state, frozen subtree) at step 0. The state owns copies of the trainable arrays
+    (the step donates its state, which must not free arrays of `variables`)."""
+    trainable, frozen = plan.split(variables)
+    trainable = jax.tree_util.tree_map(jnp.copy, trainable)
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable), "rng": rng}
+    if ema_decay:
+        state["ema"] = jax.tree_util.tree_map(jnp.copy, trainable)
+    return state, frozen
+
+
+def eval_params(state: Mapping[str, Any]) -> Any:
+    """The trainable params used for evaluation: the EMA ones when EMA is on."""
+    return state["ema"] if "ema" in state else state["trainable"]
+
+
+def _features(batch: Mapping[str, Array]) -> dict[str, Array]:
+    return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+
+
+def make_train_step(model: AffinityModel, plan: Plan, tx: optax.GradientTransformation, mesh: Mesh,
+                    ema_decay: float = 0.0) -> Callable[[dict, dict, dict], tuple[dict, dict]]:
+    """`step(state, frozen, batch) -> (state, metrics)`, jitted (state donated). `batch` leaves
+    are `[k, B, ...]` global arrays sharded on axis 1 (`distributed.shard_batch(batch, mesh, 1)`);
+    metrics: weighted mean `loss`, `weight` (real examples) and `grad_norm` (before clipping)."""
+    hc = model.head_config
+
+    def local_step(state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
+        k, n_local = batch["weight"].shape[:2]
+        step_key = jax.random.fold_in(state["rng"], state["step"])
+        first = jax.lax.axis_index(DATA_AXIS) * n_local  # global position of this device's first example
+        n_global = n_local * mesh.shape[DATA_AXIS]
+
+        def loss_sum(trainable: Any, mb: dict, i: Array) -> Array:
+            variables = plan.combine(trainable, frozen)
+            keys = jax.vmap(lambda j: jax.random.fold_in(step_key, i * n_global + first + j))(jnp.arange(n_local))
+            preds = jax.vmap(model.predict, in_axes=(None, 0, 0))(variables, _features(mb), keys)
+            return jnp.sum(affinity_loss(preds, mb["target"], hc.loss, hc.huber_delta) * mb["weight"])
+
+        grad_fn = jax.value_and_grad(loss_sum)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state["trainable"])
+
+        def micro(carry: tuple, xs: tuple) -> tuple[tuple, None]:
+            g_acc, l_acc = carry
+            mb, i = xs
+            l, g = jax.lax.cond(jnp.sum(mb["weight"]) > 0,
+                                lambda: grad_fn(state["trainable"], mb, i),
+                                lambda: (jnp.zeros((), jnp.float32), zeros))
+            return (jax.tree_util.tree_map(jnp.add, g_acc, g), l_acc + l), None
+
+        (g, l), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), (batch, jnp.arange(k)))
+        g, l, w = jax.lax.psum((g, l, jnp.sum(batch["weight"])), DATA_AXIS)
+        denom = jnp.maximum(w, 1.0)
+        grads = jax.tree_util.tree_map(lambda x: x / denom, g)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        new = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}
+        if "ema" in state:
+            new["ema"] = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                                state["ema"], trainable)
+        return new, {"loss": l / denom, "weight": w, "grad_norm": optax.global_norm(grads)}
+
+    sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P(None, DATA_AXIS)),
+                            out_specs=(P(), P()), check_vma=False)
+    return jax.jit(sharded, donate_argnums=(0,))
+
+
+def make_predict_step(model: AffinityModel, plan: Plan, mesh: Mesh) -> Callable[[Any, dict, dict], Array]:
+    """`predict(trainable, frozen, batch) -> [B]` normalised predictions (deterministic), jitted;
+    batch leaves `[B, ...]` sharded on axis 0."""
+    def local(trainable: Any, frozen: dict, batch: dict) -> Array:
+        variables = plan.combine(trainable, frozen)
+        return jax.vmap(model.predict, in_axes=(None, 0))(variables, _features(batch))
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS),
+                                 check_vma=False))
+
+
+def make_single_step(model: AffinityModel, mesh: Mesh) -> Callable[[dict, dict], Array]:
+    """`single(variables, batch) -> [B, N_res, C_s]` trunk outputs (deterministic), jitted: the
+    head-only cache."""
+    def local(variables: dict, batch: dict) -> Array:
+        return jax.vmap(model.single, in_axes=(None, 0))(variables, _features(batch)).astype(jnp.float32)
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS),
+                                 check_vma=False))

@@ -1,0 +1,255 @@
+"""The jitted train step: micro-batch accumulation, data parallelism (2 forced host devices in a
+subprocess), no trunk backward for head-only, EMA recurrence, bf16 compute under amp."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from molfun_jax.heads import HeadConfig
+from molfun_jax.training import (AffinityModel, HeadOnly, LoRA, Partial, data_mesh, init_state, make_batches,
+                                 make_predict_step, make_train_step, replicate, shard_batch, with_dtype)
+from tests.conftest import ROOT
+from tests.finetune_common import random_trunk, synthetic_example, tiny_config
+
+N_RES = 8
+
+
+def examples(n, n_res=N_RES):
+    cfg = tiny_config()
+    return [synthetic_example(cfg, n_res, seed=10 + i, n_valid=n_res - i % 3) for i in range(n)]
+
+
+def setup(strategy, head=HeadConfig(), wrap_tx=None, mesh=None):
+    """(model, plan, jitted step, state, frozen, mesh) on the fast tiny model; `wrap_tx` maps the
+    plan's optimizer to the one used."""
+    model = AffinityModel(tiny_config(), head)
+    variables = model.init_variables(random_trunk(), strategy, jax.random.PRNGKey(0))
+    plan = strategy.plan(variables)
+    tx = plan.optimizer(total_steps=10)
+    tx = wrap_tx(tx) if wrap_tx is not None else tx
+    mesh = mesh or data_mesh()
+    state, frozen = init_state(plan, variables, tx, jax.random.PRNGKey(1), strategy.ema_decay)
+    step = make_train_step(model, plan, tx, mesh, strategy.ema_decay)
+    return model, plan, step, replicate(state, mesh), replicate(frozen, mesh), mesh
+
+
+def rel_diff(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+
+
+def record_grads(inner: optax.GradientTransformation = optax.set_to_zero()) -> optax.GradientTransformation:
+    """`inner`, whose state also keeps the last gradient received: state = (grads, inner state)."""
+    def init(params):
+        return jax.tree_util.tree_map(jnp.zeros_like, params), inner.init(params)
+
+    def update(grads, state, params=None):
+        updates, inner_state = inner.update(grads, state[1], params)
+        return updates, (grads, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def assert_same_tree(a, b, rtol=1e-6):
+    """max |a - b| over the whole tree <= rtol * max |b| (not per leaf: float32 sums taken in
+    another order through a deep backward differ by ~1e-7 of the gradient's scale, which is a
+    large relative error on a leaf whose terms cancel, e.g. a bias gradient of 3e-5 from O(1) terms)."""
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb)
+    scale = max(float(np.max(np.abs(np.asarray(x, np.float64)))) for x in lb)
+    worst = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(la, lb))
+    assert worst <= rtol * scale, (worst, scale)
+
+
+def test_accumulation_equals_one_batch():
+    """k micro-batches (the last partly, one wholly padding) = one batch of their union, with
+    head dropout on (dropout keys follow the example's position in the group)."""
+    exs = examples(5)
+    out = []
+    for batch_size, k in ((2, 4), (5, 1)):
+        _, _, step, state, frozen, mesh = setup(LoRA(accumulation_steps=k), HeadConfig(dropout=0.5),
+                                                wrap_tx=lambda _: record_grads())
+        (group,) = make_batches(exs, batch_size, k)
+        assert group["weight"].shape == (k, batch_size) and group["weight"].sum() == 5
+        state, metrics = step(state, frozen, shard_batch(group, mesh, 1))
+        out.append((state["opt_state"][0], metrics))
+    (g_acc, m_acc), (g_one, m_one) = out
+    assert float(m_acc["weight"]) == float(m_one["weight"]) == 5
+    assert rel_diff(m_acc["loss"], m_one["loss"]) <= 1e-6
+    assert_same_tree(g_acc, g_one)
+    # the adapters got a gradient (b, as a's is 0 while b = 0)
+    assert np.abs(g_one["lora"]["evoformer"]["blocks"]["msa_att_row"]["mha"]["linear_v"]["b"]).max() > 0
+
+
+DP_SCRIPT = textwrap.dedent("""
+    import json, jax, numpy as np
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from molfun_jax.heads import HeadConfig
+    from molfun_jax.training import LoRA, data_mesh, make_batches, shard_batch
+    from tests.test_train_step import examples, record_grads, setup
+    assert jax.device_count() == 2, jax.devices()
+    group, = make_batches(examples(6), 4, 2)  # 2 micro-batches of 4 (the second: 2 real + 2 padding)
+    out = {}
+    for n in (1, 2):
+        _, _, step, state, frozen, mesh = setup(LoRA(ema_decay=0.5, accumulation_steps=2), HeadConfig(dropout=0.5),
+                                                wrap_tx=record_grads, mesh=data_mesh(jax.devices()[:n]))
+        state, m = step(state, frozen, shard_batch(group, mesh, 1))
+        leaves = lambda t: [np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(t)]
+        out[n] = {"grads": leaves(state["opt_state"][0]), "update": leaves((state["trainable"], state["ema"])),
+                  "loss": float(m["loss"])}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_data_parallel_two_devices_equal_one():
+    """The same global batch on 2 forced host devices and on 1: same gradient, loss and AdamW +
+    EMA update."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", DP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    one, two = res["1"], res["2"]
+    assert rel_diff(two["loss"], one["loss"]) <= 1e-6
+    assert_same_tree(two["grads"], one["grads"])
+    assert_same_tree(two["update"], one["update"])
+
+
+def count_dots(jaxpr) -> int:
+    """dot_general equations, recursively through sub-jaxprs (each body counted once)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "dot_general"
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    n += count_dots(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    n += count_dots(sub)
+    return n
+
+
+def dtypes_of_dots(jaxpr, out=None) -> set:
+    out = set() if out is None else out
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.add(str(eqn.invars[0].aval.dtype))
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    dtypes_of_dots(sub.jaxpr, out)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    dtypes_of_dots(sub, out)
+    return out
+
+
+def test_head_only_step_has_no_trunk_backward():
+    """The head-only step (uncached: the trunk runs inside it) has the forward's matmuls plus
+    the head's backward, 4: d linear_2 kernel and input, d linear_1 kernel and input (for the
+    head's LayerNorm) -- none for the trunk; LoRA's step adds a backward through the trunk.
+    Checked on the traced jaxprs (nothing compiled)."""
+    (group,) = make_batches(examples(2), 2, 1)
+    extra = {}
+    for strategy in (HeadOnly(amp=False), LoRA(amp=False)):
+        model, plan, step, state, frozen, mesh = setup(strategy)
+        train = count_dots(jax.make_jaxpr(step)(state, frozen, shard_batch(group, mesh, 1)).jaxpr)
+        trainable = state["trainable"]
+        fwd = count_dots(jax.make_jaxpr(make_predict_step(model, plan, mesh))(
+            trainable, frozen, shard_batch({k: v[0] for k, v in group.items()}, mesh, 0)).jaxpr)
+        extra[strategy.name] = (train - fwd, fwd)
+    assert extra["head_only"][0] == 4, extra
+    assert extra["lora"][0] > extra["lora"][1] // 2, extra  # the trunk's backward
+
+
+def test_amp_computes_in_bfloat16():
+    (group,) = make_batches(examples(2), 2, 1)
+    for amp, dtypes in ((True, {"bfloat16", "float32"}), (False, {"float32"})):
+        s = LoRA(amp=amp)
+        model = AffinityModel(with_dtype(tiny_config(), s.compute_dtype))
+        variables = model.init_variables(random_trunk(), s, jax.random.PRNGKey(0))
+        plan = s.plan(variables)
+        tx = plan.optimizer(10)
+        mesh = data_mesh()
+        state, frozen = init_state(plan, variables, tx, jax.random.PRNGKey(1))
+        jaxpr = jax.make_jaxpr(make_train_step(model, plan, tx, mesh))(state, frozen, shard_batch(group, mesh, 1))
+        assert dtypes_of_dots(jaxpr.jaxpr) == dtypes, amp
+
+
+def test_ema_closed_form():
+    """EMA after 3 steps = d^3 p0 + (1-d)(d^2 p1 + d p2 + p3), p_t the params after step t
+    (cached trunk outputs: the head-only fast path)."""
+    d = 0.9
+    model, plan, step, state, frozen, mesh = setup(HeadOnly(ema_decay=d, lr=1e-2))
+    rng = np.random.default_rng(0)
+    cached = [{"single": rng.standard_normal((N_RES, 32)).astype(np.float32), "seq_mask": np.ones(N_RES, np.float32),
+               "target": np.float32(rng.standard_normal())} for _ in range(4)]
+    (group,) = make_batches(cached, 4, 1)
+    params = [jax.tree_util.tree_map(np.asarray, state["trainable"])]
+    for _ in range(3):
+        state, _ = step(state, frozen, shard_batch(group, mesh, 1))
+        params.append(jax.tree_util.tree_map(np.asarray, state["trainable"]))
+    expected = jax.tree_util.tree_map(
+        lambda p0, p1, p2, p3: d ** 3 * p0 + (1 - d) * (d ** 2 * p1 + d * p2 + p3), *params)
+    for a, b in zip(jax.tree_util.tree_leaves(state["ema"]), jax.tree_util.tree_leaves(expected)):
+        assert rel_diff(a, b) <= 1e-6
+    assert rel_diff(params[3]["head"]["linear_1"]["kernel"], params[0]["head"]["linear_1"]["kernel"]) > 1e-3
+
+
+def test_partial_frozen_blocks_bit_identical():
+    """Partial(1) on the 2-block tiny stack: after 3 AdamW steps with weight decay, block 0 of
+    every stacked Evoformer leaf and all other frozen params are bit-identical; block 1 moved."""
+    s = Partial(unfreeze_last_n=1, lr_trunk=1e-2, weight_decay=0.1, amp=False)
+    model, plan, step, state, frozen, mesh = setup(s)
+    variables = model.init_variables(random_trunk(), s, jax.random.PRNGKey(0))
+    (group,) = make_batches(examples(4), 4, 1)
+    for _ in range(3):
+        state, _ = step(state, frozen, shard_batch(group, mesh, 1))
+    before = traverse_util.flatten_dict(variables)
+    after = traverse_util.flatten_dict(plan.combine(state["trainable"], frozen))
+    q = ("trunk", "evoformer", "blocks", "msa_att_row", "mha", "linear_q", "kernel")
+    assert plan.rules[q].start == 1
+    for p, w in before.items():
+        w, a = np.asarray(w), np.asarray(after[p])
+        if p[:3] == ("trunk", "evoformer", "blocks"):
+            np.testing.assert_array_equal(a[0], w[0], err_msg=str(p))
+        elif p not in plan.rules:
+            np.testing.assert_array_equal(a, w, err_msg=str(p))
+    assert not np.array_equal(np.asarray(after[q][1]), np.asarray(before[q][1]))
+
+
+@pytest.mark.slow
+def test_model_1_ptm_lora_step():
+    """One LoRA step of the full-size model_1_ptm (remat, bf16 compute) on 2 random 16-residue
+    examples: finite loss and gradient, adapters updated, trunk untouched."""
+    from molfun_jax.config import model_config
+    from molfun_jax.model import param_shapes
+
+    cfg = model_config("model_1_ptm", train=True)
+    cfg.globals.num_recycles = 0
+    rng = np.random.default_rng(0)
+    trunk = jax.tree_util.tree_map(
+        lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32), param_shapes(cfg))
+    s = LoRA()
+    model = AffinityModel(with_dtype(cfg, s.compute_dtype))
+    variables = model.init_variables(trunk, s, jax.random.PRNGKey(0))
+    plan = s.plan(variables)
+    assert plan.count(variables) == {"lora": 1_179_648, "head": 50_177, "total": 1_229_825}
+    tx = plan.optimizer(10)
+    mesh = data_mesh()
+    state, frozen = init_state(plan, variables, tx, jax.random.PRNGKey(1))
+    step = make_train_step(model, plan, tx, mesh)
+    exs = [synthetic_example(cfg, 16, seed=i) for i in range(2)]
+    (group,) = make_batches(exs, 2, 1)
+    state, m = step(replicate(state, mesh), replicate(frozen, mesh), shard_batch(group, mesh, 1))
+    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+    b = state["trainable"]["lora"]["evoformer"]["blocks"]["msa_att_row"]["mha"]["linear_v"]["b"]
+    assert b.shape == (48, 8, 256) and float(jnp.abs(b).max()) > 0
