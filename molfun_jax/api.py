@@ -1,0 +1,454 @@
+"""The Python API (the seed's `MolfunStructureModel`): an AlphaFold trunk + affinity head, a
+fine-tuning strategy, and `fit` / `predict` / `save` / `load` / `merge` / `unmerge` / `export`.
+
+    from molfun_jax.api import MolfunStructureModel
+    from molfun_jax.training import LoRA
+    model = MolfunStructureModel("model_1_ptm", LoRA(rank=8), weights="finetuning_ptm_2.pt")
+    history = model.fit(train_examples, val_examples, epochs=10, output="runs/lora1")
+    preds = model.predict(test_examples)          # affinities, original units
+    model.save("my_model"); model = MolfunStructureModel.load("my_model")
+    model.export("merged/")                       # LoRA folded in, inference only
+
+Examples are dicts of numpy features (one example; `molfun_jax.data`) with a scalar `target`.
+
+The frozen base trunk is never written to checkpoints: `meta.base_weights` says where it comes
+from (a converted folder / an OpenFold .pt and its sha256, or random init from a seed), and
+`load` rebuilds it from there (or from `weights=`). Checkpoints hold what the strategy trains.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import importlib.metadata
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+from flax import traverse_util
+
+from molfun_jax import checkpoint as ckpt
+from molfun_jax import lora as lora_lib
+from molfun_jax.config import config_from_dict, config_to_dict, model_config
+from molfun_jax.heads.affinity import HeadConfig, TargetNorm
+from molfun_jax.model import AlphaFold, dummy_features
+from molfun_jax.training import (AffinityModel, HeadOnly, LoRA, Strategy, count_steps, data_mesh, eval_params,
+                                 fit, init_state, make_predict_step, predict_all, strategy_from_dict, with_dtype)
+
+# strategy fields that change which parameters exist / are trained (checked on load and resume)
+_STRUCTURAL = ("name", "rank", "alpha", "target_modules", "stacks", "unfreeze_last_n", "unfreeze_structure_module")
+_VERSIONED = ("molfun-jax", "jax", "flax", "optax", "orbax-checkpoint")
+
+Example = Mapping[str, Any]
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in _VERSIONED:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def count_params(tree: Any) -> int:
+    return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def random_trunk(config: mlc.ConfigDict, seed: int) -> dict:
+    """AlphaFold params with OpenFold's initialisers from `PRNGKey(seed)` (deterministic: the
+    same seed gives bit-identical params, so checkpoints of random-weight runs can rebuild them)."""
+    init = _init_fn(json.dumps(config_to_dict(config), sort_keys=True))
+    return jax.tree_util.tree_map(np.asarray, init(jax.random.PRNGKey(seed)))
+
+
+@functools.lru_cache(maxsize=4)
+def _init_fn(config_json: str) -> Callable:
+    """The jitted init of a config (compiled once per config and process)."""
+    cfg = with_dtype(config_from_dict(json.loads(config_json)), "float32")
+    cfg.globals.num_recycles = 0  # params do not depend on recycling; this compiles less
+    feats = {k: jnp.zeros(v.shape, v.dtype) for k, v in dummy_features(cfg, n_res=4).items()}
+    return jax.jit(lambda key: AlphaFold(cfg).init(key, feats)["params"])
+
+
+def tree_fingerprint(tree: Any) -> str:
+    """sha256 over a param tree's paths, shapes, dtypes and bytes (identifies base weights)."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(traverse_util.flatten_dict(dict(tree)).items()):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{'/'.join(path)}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def load_base_weights(weights: Optional[str | Path], config: mlc.ConfigDict, preset: str, seed: int,
+                      cache_dir: Optional[str | Path] = None,
+                      log: Optional[Callable[[str], None]] = None) -> tuple[dict, dict]:
+    """(trunk params, base_weights meta). `weights`: None (random init from `seed`), an OpenFold
+    `.pt` (converted once into `cache_dir/<sha256>/`, default next to the file) or a converted
+    folder (`convert/torch_to_flax.py`). The meta holds the params' `fingerprint`."""
+    from molfun_jax.pretrained import load_pretrained
+
+    if weights is None:
+        params, meta = random_trunk(config, seed), {"kind": "random", "seed": int(seed)}
+    else:
+        w = Path(weights).absolute()
+        if not w.exists():
+            raise FileNotFoundError(f"weights {w}: no such file or folder")
+        if w.is_file():
+            from convert.torch_to_flax import convert_file
+
+            sha = sha256_file(w)
+            folder = Path(cache_dir or w.parent / "weights_cache").absolute() / sha[:16]
+            if not (folder / "meta.json").is_file():
+                if log:
+                    log(f"Converting {w.name} to Flax weights (cached in {folder})")
+                tmp = folder.with_name(folder.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                convert_file(w, tmp, preset)
+                tmp.rename(folder)
+            params, _ = load_pretrained(folder, config)
+            meta = {"kind": "pt", "path": str(w), "sha256": sha, "converted": str(folder)}
+        else:
+            params, _ = load_pretrained(w, config)
+            meta = {"kind": "converted", "path": str(w)}
+    return params, {**meta, "fingerprint": tree_fingerprint(params)}
+
+
+def rebuild_base_weights(base: Mapping[str, Any], config: mlc.ConfigDict, preset: str,
+                         weights: Optional[str | Path] = None) -> tuple[dict, dict]:
+    """The base trunk that a checkpoint's `meta.base_weights` describes, from where it was
+    (`weights` overrides the recorded path); other weights than the ones trained on are refused."""
+    kind = base.get("kind")
+    given = weights is not None
+    if kind == "random":
+        if weights is not None:
+            raise ckpt.CheckpointError("this checkpoint was trained on random base weights (seed "
+                                       f"{base['seed']}); do not pass weights")
+        params, meta = load_base_weights(None, config, preset, base["seed"])
+    elif kind in ("pt", "converted"):
+        if not given:
+            recorded = [Path(base["path"])] + ([Path(base["converted"])] if kind == "pt" else [])
+            found = [p for p in recorded[::-1] if p.is_file() or (p / "meta.json").is_file()]
+            if not found:
+                raise ckpt.CheckpointError(f"the base weights of this checkpoint ({base['path']}) are gone: "
+                                           "pass weights=/--weights with them")
+            weights = found[0]
+        cache = Path(base["converted"]).parent if kind == "pt" else None
+        params, meta = load_base_weights(weights, config, preset, 0, cache_dir=cache)
+    else:
+        raise ckpt.CheckpointError(f"unknown base_weights kind {kind!r} in the checkpoint meta")
+    if base.get("fingerprint") not in (None, meta["fingerprint"]):
+        raise ckpt.CheckpointError(f"the base weights {meta.get('path', '(random init)')} are not the ones this "
+                                   f"checkpoint was trained on (fingerprint {meta['fingerprint'][:12]}, "
+                                   f"expected {base['fingerprint'][:12]})")
+    return params, (meta if kind != "random" and given else dict(base))
+
+
+class MolfunStructureModel:
+    """AlphaFold trunk + affinity head + a fine-tuning strategy (see the module docstring).
+
+    preset: `model_1`..`model_5[_ptm]` or `tiny`; `config` overrides it (a `model_config` tree).
+    strategy: `HeadOnly`, `LoRA` (default), `Partial` or `Full` (`molfun_jax.training`).
+    weights: None (random), an OpenFold `.pt` or a converted folder.
+    num_recycles: None = the preset's. seed: head / adapter init, data order, dropout (and the
+    trunk init without weights).
+    """
+
+    def __init__(self, preset: str = "model_1_ptm", strategy: Optional[Strategy] = None, *,
+                 weights: Optional[str | Path] = None, num_recycles: Optional[int] = None,
+                 head_config: Optional[HeadConfig] = None, seed: int = 0,
+                 config: Optional[mlc.ConfigDict] = None, cache_dir: Optional[str | Path] = None,
+                 log: Optional[Callable[[str], None]] = None, _base: Optional[tuple[dict, dict]] = None) -> None:
+        self.preset = preset
+        self.config = copy.deepcopy(config) if config is not None else model_config(preset, train=True)
+        if num_recycles is not None:
+            if num_recycles < 0:
+                raise ValueError(f"num_recycles must be >= 0, got {num_recycles}")
+            self.config.globals.num_recycles = int(num_recycles)
+        self.strategy = strategy if strategy is not None else LoRA()
+        self.head_config = head_config or HeadConfig()
+        self.seed = int(seed)
+        trunk, self.base_weights = _base or load_base_weights(weights, self.config, preset, self.seed, cache_dir, log)
+        self.variables = AffinityModel(self.config, self.head_config).init_variables(
+            trunk, self.strategy, jax.random.PRNGKey(self.seed + 1))
+        self.norm = TargetNorm()
+        self.history: list[dict] = []
+        self.best_epoch = 0
+        self.data_info: dict[str, Any] = {}  # dataset description stored in meta (e.g. max_len)
+        self._merged: Optional[tuple[dict, dict]] = None  # (adapters, overwritten kernels) while merged
+        self._predictors: dict[Any, Callable] = {}
+
+    # --- description ------------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        """AlphaFold trunk parameters (93,237,338 for model_1_ptm)."""
+        return count_params(self.variables["trunk"])
+
+    def trainable_counts(self) -> dict[str, int]:
+        """Trained parameters per optimizer label (`head`, `lora`, `trunk`, `blocks`, ...) and total."""
+        return self.strategy.plan(self.variables, self.head_config.source).count(self.variables)
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.strategy.compute_dtype
+
+    def meta(self) -> dict[str, Any]:
+        s = self.strategy.to_dict()
+        lcfg = self.strategy.lora_config()
+        return {"format": ckpt.FORMAT, "preset": self.preset, "model_config": config_to_dict(self.config),
+                "strategy": s, "head": self.head_config.to_dict(),
+                "lora": lcfg.to_dict() if lcfg is not None else None,
+                "norm": self.norm.to_dict(), "base_weights": self.base_weights, "seed": self.seed,
+                "data": self.data_info,
+                "compute_dtype": self.compute_dtype, "num_params": self.num_params, "versions": versions()}
+
+    def _compat(self, meta: Mapping[str, Any]) -> dict[str, Any]:
+        """The parts of a meta that a checkpoint must share with this model."""
+        return {"preset": meta.get("preset"),
+                "strategy": {k: v for k, v in (meta.get("strategy") or {}).items() if k in _STRUCTURAL},
+                "model_config": (meta.get("model_config") or {}).get("model"),
+                "head": meta.get("head"), "lora": meta.get("lora")}
+
+    def check_checkpoint(self, meta: Mapping[str, Any], source: str = "checkpoint") -> None:
+        """Refuse a checkpoint of another preset / strategy / config (CheckpointError)."""
+        ckpt.check_compatible(self._compat(meta), self._compat(self.meta()), source)
+
+    # --- training ---------------------------------------------------------------------------
+    def fit(self, train: Sequence[Example], val: Optional[Sequence[Example]] = None, *, epochs: int = 10,
+            batch_size: int = 2, output: Optional[str | Path] = None, keep: int = 3, resume: bool = False,
+            normalize_targets: bool = True, progress: Optional[bool] = None,
+            on_epoch_end: Optional[Callable[[dict, "MolfunStructureModel"], None]] = None) -> list[dict]:
+        """Fine-tune on `train`, validating on `val` each epoch; returns the history (one dict
+        per epoch: train_loss, val_loss, val_rmse/mae/pearson/spearman, lr, ...).
+
+        With `output`, a checkpoint is written after every epoch (the last `keep` are kept) and
+        the best epoch's evaluated params under `output/best`; `resume=True` continues from the
+        last one (same data, seed and settings give the same losses as an uninterrupted run).
+        At the end the model holds the best epoch's params (EMA ones when EMA is on).
+        `on_epoch_end(row, model)` runs after each epoch's checkpoint.
+        """
+        if self._merged is not None:
+            raise RuntimeError("the model is merged (inference only): unmerge() before fit()")
+        runs = ckpt.RunCheckpointer(output, keep) if output is not None else None
+        state = history = norm = None
+        if resume:
+            if runs is None:
+                raise ValueError("resume=True needs the output folder of the run")
+            state, history, norm = self._restore_run(runs, train, epochs, batch_size)
+        rows: list[dict] = list(history or [])
+        best = {"epoch": max([r["epoch"] for r in rows if r.get("best")], default=0)}
+
+        def epoch_end(epoch: int, row: dict, st: dict, is_best: bool) -> None:
+            row = {**row, "best": bool(is_best)}
+            rows.append(row)
+            if is_best:
+                best["epoch"] = epoch
+            trainer = {"epoch": epoch, "step": int(st["step"]), "history": rows, "best_epoch": best["epoch"],
+                       "norm": self.norm.to_dict()}
+            if runs is not None:
+                meta = self.meta()
+                if is_best:
+                    runs.save_best(epoch, params=eval_params(st), meta=meta, trainer=trainer)
+                runs.save(epoch, trainable=st["trainable"], ema=st.get("ema"),
+                          opt_state={"opt_state": st["opt_state"], "step": st["step"], "rng": st["rng"]},
+                          meta=meta, trainer=trainer)
+            if on_epoch_end is not None:
+                on_epoch_end(row, self)
+
+        if norm is None:
+            norm = TargetNorm.fit([float(np.asarray(e["target"])) for e in train]) if normalize_targets \
+                else TargetNorm()
+        self.norm = norm
+        result = fit(self.config, self.strategy, self.variables, train, val, head_config=self.head_config,
+                     epochs=epochs, batch_size=batch_size, seed=self.seed, norm=norm, progress=progress,
+                     on_epoch_end=epoch_end, state=state, history=history)
+        self.history = rows
+        self.best_epoch = best["epoch"]
+        if runs is not None:
+            runs.close()
+            if self.best_epoch:  # the best params as written (also when this call resumed past them)
+                self._load_trainable(ckpt.locate(Path(output) / "best"), trainer_state=False)
+                return rows
+        self.variables = jax.tree_util.tree_map(np.asarray, result.variables)
+        return rows
+
+    def _restore_run(self, runs: ckpt.RunCheckpointer, train: Sequence[Example], epochs: int,
+                     batch_size: int) -> tuple[dict, list, TargetNorm]:
+        epoch = runs.latest_epoch()
+        if epoch is None:
+            raise ckpt.CheckpointError(f"{runs.run_dir}: no epoch checkpoint to resume from")
+        path = runs.last.directory / str(epoch)
+        meta = ckpt.restore(path, items=("meta",))["meta"]
+        self.check_checkpoint(meta, str(path))
+        plan = self.strategy.plan(self.variables, self.head_config.source)
+        tx = plan.optimizer(epochs * count_steps(train, batch_size, self.strategy.accumulation_steps))
+        abstract = jax.eval_shape(lambda v: init_state(plan, v, tx, jax.random.PRNGKey(0),
+                                                       self.strategy.ema_decay)[0], self.variables)
+        got = ckpt.restore(path, {"trainable": abstract["trainable"], "ema": abstract.get("ema"),
+                                  "opt_state": {k: abstract[k] for k in ("opt_state", "step", "rng")}},
+                           items=("trainable", "ema", "opt_state", "trainer"))
+        state = {"trainable": got["trainable"], **got["opt_state"]}
+        if "ema" in got:
+            state["ema"] = got["ema"]
+        trainer = got["trainer"]
+        return state, trainer["history"], TargetNorm(**trainer["norm"])
+
+    # --- inference --------------------------------------------------------------------------
+    def _predictor(self) -> tuple[Callable, Any, Any, Any]:
+        """(jitted predict step, trainable, frozen, mesh) for the current variables."""
+        plan = self.strategy.plan(self.variables, self.head_config.source)
+        trainable, frozen = plan.split(self.variables)
+        key = tuple(sorted(plan.rules.items()))
+        if key not in self._predictors:
+            self._mesh = data_mesh()
+            model = AffinityModel(with_dtype(self.config, self.compute_dtype), self.head_config)
+            self._predictors[key] = make_predict_step(model, plan, self._mesh)
+        return self._predictors[key], trainable, frozen, self._mesh
+
+    def predict(self, examples: Sequence[Example], batch_size: int = 2) -> np.ndarray:
+        """Predicted affinities (original units) of `examples`, in order."""
+        if not examples:
+            return np.zeros((0,), np.float64)
+        step, trainable, frozen, mesh = self._predictor()
+        exs = [e if "target" in e else {**e, "target": np.float32(0.0)} for e in examples]
+        p, _ = predict_all(step, trainable, frozen, exs, batch_size, mesh)
+        return np.asarray(self.norm.denormalize(p), np.float64)
+
+    def evaluate(self, examples: Sequence[Example], batch_size: int = 2) -> dict[str, Any]:
+        """RMSE, MAE, Pearson r, Spearman rho (original units) plus predictions and targets."""
+        from molfun_jax.reports import regression_metrics
+
+        pred = self.predict(examples, batch_size)
+        true = np.asarray([float(np.asarray(e["target"])) for e in examples])
+        return {**regression_metrics(true, pred), "predictions": pred, "targets": true}
+
+    # --- LoRA merge -------------------------------------------------------------------------
+    def merge(self) -> "MolfunStructureModel":
+        """Fold the LoRA adapters into the trunk kernels (inference; `unmerge` restores)."""
+        if self._merged is not None:
+            raise RuntimeError("already merged")
+        adapters = self.variables.get("lora") or {}
+        if not adapters:
+            raise RuntimeError(f"strategy {self.strategy.name!r} has no LoRA adapters to merge")
+        merged, base = lora_lib.merge(self.variables["trunk"], adapters, return_base=True)
+        self._merged = (adapters, base)
+        self.variables = {**self.variables, "trunk": merged, "lora": {}}
+        return self
+
+    def unmerge(self) -> "MolfunStructureModel":
+        """Undo `merge` bit-exactly."""
+        if self._merged is None:
+            raise RuntimeError("not merged")
+        adapters, base = self._merged
+        trunk = lora_lib.unmerge(self.variables["trunk"], adapters, base)
+        self.variables = {**self.variables, "trunk": trunk, "lora": adapters}
+        self._merged = None
+        return self
+
+    # --- persistence ------------------------------------------------------------------------
+    def _trainable(self) -> Any:
+        plan = self.strategy.plan(self.variables, self.head_config.source)
+        return plan.split(self.variables)[0]
+
+    def save(self, path: str | Path) -> Path:
+        """Write what the strategy trains + meta (a checkpoint `load` and predict.py read)."""
+        if self._merged is not None:
+            raise RuntimeError("the model is merged: unmerge() before save(), or export() for inference")
+        epoch = max(self.best_epoch, 0)
+        trainer = {"epoch": epoch, "history": self.history, "best_epoch": self.best_epoch,
+                   "norm": self.norm.to_dict()}
+        runs = ckpt._manager(Path(path), keep=1)
+        try:
+            runs.save(epoch, args=ckpt._save_args({"trainable": self._trainable(), "meta": self.meta(),
+                                                   "trainer": trainer}), force=True)
+            runs.wait_until_finished()
+        finally:
+            runs.close()
+        return Path(path).absolute() / str(epoch)
+
+    def _load_trainable(self, path: Path, trainer_state: bool = True) -> None:
+        """Put a checkpoint's trained params into the variables (and, with `trainer_state`, its
+        normalisation, history and best epoch)."""
+        plan = self.strategy.plan(self.variables, self.head_config.source)
+        trainable_abs, frozen = jax.eval_shape(plan.split, self.variables)[0], plan.split(self.variables)[1]
+        got = ckpt.restore(path, {"trainable": trainable_abs}, items=("trainable", "trainer"))
+        self.variables = jax.tree_util.tree_map(np.asarray, plan.combine(got["trainable"], frozen))
+        if not trainer_state:
+            return
+        t = got["trainer"]
+        self.norm = TargetNorm(**t["norm"])
+        self.history = t.get("history", [])
+        self.best_epoch = t.get("best_epoch", 0)
+
+    def load_checkpoint(self, path: str | Path) -> "MolfunStructureModel":
+        """Load a checkpoint's trained params into this model (same preset / strategy / config)."""
+        p = ckpt.locate(path)
+        if ckpt.is_export(p):
+            raise ckpt.CheckpointError(f"{p} is a merged export: use MolfunStructureModel.load")
+        self.check_checkpoint(ckpt.read_meta(p), str(p))
+        self._load_trainable(p)
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, *, weights: Optional[str | Path] = None, preset: Optional[str] = None,
+             strategy: Optional[str] = None) -> "MolfunStructureModel":
+        """Rebuild a model from a checkpoint, run folder (its best epoch) or export. `preset` /
+        `strategy` (names), when given, must match the checkpoint's."""
+        p = ckpt.locate(path)
+        meta = ckpt.read_meta(p)
+        got = {"preset": meta["preset"], "strategy": meta["strategy"]["name"]}
+        for k, v in (("preset", preset), ("strategy", strategy)):
+            if v is not None and v != got[k]:
+                raise ckpt.CheckpointError(f"{p} holds a {got['preset']!r} model fine-tuned with strategy "
+                                           f"{got['strategy']!r}; it cannot be loaded as {k} {v!r}")
+        config = config_from_dict(meta["model_config"])
+        head = HeadConfig(**meta["head"])
+        if ckpt.is_export(p):
+            params, head_params, _ = ckpt.read_export(p)
+            m = cls(meta["preset"], HeadOnly(amp=meta["compute_dtype"] == "bfloat16"), config=config,
+                    head_config=head, seed=meta.get("seed", 0), _base=(params, meta["base_weights"]))
+            m.variables = {"trunk": params, "head": head_params, "lora": {}}
+            m.norm = TargetNorm(**meta["norm"])
+            m.data_info = meta.get("data", {})
+            m.exported_from = meta.get("exported_from")
+            return m
+        strat = strategy_from_dict(meta["strategy"])
+        base = rebuild_base_weights(meta["base_weights"], config, meta["preset"], weights)
+        m = cls(meta["preset"], strat, config=config, head_config=head, seed=meta["seed"], _base=base)
+        m.check_checkpoint(meta, str(p))
+        m._load_trainable(p)
+        m.data_info = meta.get("data", {})
+        return m
+
+    def export(self, path: str | Path) -> Path:
+        """A merged, inference-only model (whole trunk with LoRA folded in + head + meta)."""
+        was_merged = self._merged is not None
+        if self.variables.get("lora") and not was_merged:
+            self.merge()
+        try:
+            meta = {**self.meta(), "strategy": {"name": "merged"}, "lora": None,
+                    "exported_from": self.strategy.to_dict()}
+            return ckpt.write_export(path, self.variables["trunk"], self.variables["head"], meta)
+        finally:
+            if self._merged is not None and not was_merged:
+                self.unmerge()
+
+
+def export_checkpoint(src: str | Path, out: str | Path, weights: Optional[str | Path] = None) -> Path:
+    """`scripts/export.py`: a checkpoint / run folder -> merged inference-only export."""
+    return MolfunStructureModel.load(src, weights=weights).export(out)

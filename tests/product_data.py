@@ -1,0 +1,133 @@
+"""Shared data of the product tests (test_cli, test_checkpoint, test_predict): a CSV over real
+fixture chains with a label derived from each structure, since the fixtures carry no affinity:
+label = radius of gyration of the CA atoms (Angstrom) / N_res^0.4 (Rg of a compact chain grows
+as ~N^0.4, so the label is a size-free compactness score; about 2-3 here)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import FIXTURES
+
+CHAINS = FIXTURES / "chains"
+IDS = ("1ahsA", "1dx5I", "1h4aX", "1lpbA", "1or4A", "1v7mV", "2a2lA", "2cviA")
+
+
+def compactness(pdb_id: str) -> float:
+    from molfun_jax.data import parse_structure
+    from molfun_jax.np import residue_constants as rc
+
+    p = parse_structure(CHAINS / f"{pdb_id}.pdb.gz")
+    ca = p["atom_positions"][:, rc.atom_order["CA"]][p["atom_mask"][:, rc.atom_order["CA"]] > 0]
+    rg = float(np.sqrt(np.mean(np.sum((ca - ca.mean(0)) ** 2, -1))))
+    return rg / len(p["aatype"]) ** 0.4
+
+
+def need_fixtures() -> None:
+    if not CHAINS.is_dir():
+        pytest.skip(f"fixture structures not found at {CHAINS}")
+
+
+def write_csv(path: Path, ids=IDS, years: bool = True, labels: bool = True) -> Path:
+    """`pdb_id,affinity,year` over `ids` (years 2001, 2002, ... for the temporal split)."""
+    need_fixtures()
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["pdb_id"] + (["affinity"] if labels else []) + (["year"] if years else []))
+        for i, pid in enumerate(ids):
+            w.writerow([pid] + ([f"{compactness(pid):.5f}"] if labels else []) + ([2001 + i] if years else []))
+    return path
+
+
+SEED = 0
+N_RES = 16  # chains are cropped to their first 16 residues (--max-len 16; no ligand)
+
+
+def _session_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder shared by every test of the session (pytest's base temp)."""
+    return tmp_path_factory.getbasetemp() / name
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """XLA's persistent compilation cache for the session, for in-process runs and the CLI
+    subprocesses alike (identical programs compile once)."""
+    import os
+
+    from molfun_jax.cli import enable_compilation_cache
+
+    d = _session_dir(tmp_path_factory, "xla_cache")
+    d.mkdir(exist_ok=True)
+    os.environ["MOLFUN_JAX_CACHE"] = str(d)
+    enable_compilation_cache()
+    return d
+
+
+def fast_config():
+    """`tiny` without templates and extra-MSA stack (what the API tests train: cheaper to
+    compile; the CLI tests run the whole `tiny` preset)."""
+    from molfun_jax.config import model_config
+
+    cfg = model_config("tiny", train=True)
+    cfg.globals.num_recycles = 0
+    cfg.model.template.enabled = False
+    cfg.model.extra_msa.enabled = False
+    return cfg
+
+
+def write_weights(out: Path, config, seed: int = SEED) -> Path:
+    """A converted-weights folder (as convert/torch_to_flax.py writes) for `config` with random,
+    all non-zero values (cheap: no model init to compile)."""
+    import jax
+
+    from molfun_jax.model import param_shapes
+    from molfun_jax.pretrained import save_pretrained
+
+    if (out / "meta.json").is_file():
+        return out
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = path[-1].key
+        if name == "kernel":
+            return (rng.standard_normal(s.shape) / np.sqrt(s.shape[-2])).astype(np.float32)
+        if name == "scale":
+            return (1.0 + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+        return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+
+    params = jax.tree_util.tree_map_with_path(fill, param_shapes(config))
+    return save_pretrained(out, params, "tiny", source="tests/product_data.py random")
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory, compile_cache: Path) -> Path:
+    """Random weights of the whole `tiny` preset (for `--preset tiny --weights`)."""
+    from molfun_jax.config import model_config
+
+    return write_weights(_session_dir(tmp_path_factory, "tiny_weights"), model_config("tiny"))
+
+
+@pytest.fixture(scope="session")
+def fast_weights(tmp_path_factory: pytest.TempPathFactory, compile_cache: Path) -> Path:
+    """Random weights of `fast_config()`."""
+    return write_weights(_session_dir(tmp_path_factory, "fast_weights"), fast_config())
+
+
+@pytest.fixture(scope="session")
+def data_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = _session_dir(tmp_path_factory, "data")
+    out.mkdir(exist_ok=True)
+    path = out / "affinity.csv"
+    return path if path.is_file() else write_csv(path)
+
+
+@pytest.fixture(scope="session")
+def chain_examples(data_csv: Path) -> list[dict]:
+    """The 8 chains' examples (cropped to N_RES) with their `pdb_id`."""
+    from molfun_jax.data import AffinityDataset
+
+    ds = AffinityDataset.from_csv(data_csv, CHAINS, buckets=(N_RES,))
+    return [{**ds[i], "pdb_id": pid} for i, pid in enumerate(ds.ids)]
