@@ -2,7 +2,7 @@
 
 Everything that needs to know the features is derived from `FEATURE_SCHEMA`: the padding and
 cropping axes (`molfun_jax.data.buckets`), the model's dummy inputs (`molfun_jax.model.dummy_features`)
-and the all-zero template of templates-off (`molfun_jax.data.features.empty_template_features`).
+and the all-zero template of templates-off (`molfun_jax.data.templates.empty_template_features`).
 A feature missing from the schema cannot be padded or cropped (an error, never skipped).
 
 Dims are ints (fixed sizes) or names. The names in `padded_dims` are padded with zeros (masks 0)
