@@ -92,6 +92,35 @@ def test_identity_split_bound(entries, fr, threshold, seed):
                         assert sequence_identity(a, b) < threshold, (a, b)
 
 
+@settings(max_examples=20, deadline=None)
+@given(entries=protein_families(), threshold=st.sampled_from([0.3, 0.5]))
+def test_identity_clusters_are_the_transitive_closure(entries, threshold):
+    """Same clusters as a brute-force closure of the entry graph (linked when any chain pair is
+    >= threshold identical, a shared chain included), by Warshall's algorithm."""
+    n = len(entries)
+    reach = np.eye(n, dtype=bool) | np.array([[any(sequence_identity(a, b) >= threshold for a in p for b in q)
+                                                for q in entries] for p in entries], dtype=bool).reshape(n, n)
+    for k in range(n):
+        reach |= reach[:, k:k + 1] & reach[k:k + 1, :]
+    labels = identity_clusters(entries, threshold)
+    np.testing.assert_array_equal(labels[:, None] == labels[None, :], reach)
+
+
+def test_identity_clusters_hand_derived():
+    """A ~ B ~ C chain of half-mutated sequences (A, C unrelated) is one cluster; a two-chain
+    entry bridges two others; an entry without chains is alone. Labels in first-entry order."""
+    rng = np.random.default_rng(1)
+    rand = lambda k: "".join(rng.choice(list(AA), k))
+    a = rand(60)
+    b = a[:30] + rand(30)
+    c = rand(30) + b[30:]
+    d, e = rand(60), rand(60)
+    assert sequence_identity(a, b) >= 0.4 and sequence_identity(b, c) >= 0.4
+    assert max(sequence_identity(x, y) for x, y in itertools.combinations([a, c, d, e], 2)) < 0.4
+    entries = [[d], [a], [e], [c], [d, e], [], [b], [d]]
+    np.testing.assert_array_equal(identity_clusters(entries, 0.4), [0, 1, 0, 1, 0, 2, 1, 0])
+
+
 def test_identity_split_keeps_families_together_and_fills_fractions():
     rng = np.random.default_rng(0)
     entries, family = [], []

@@ -8,7 +8,7 @@
 
 Precomputed `.pkl` features are unpickled (which can run code): load only your own files.
 """
-from molfun_jax.data.buckets import (CROP_MODES, DEFAULT_BUCKETS, FEATURE_AXES, bucket_length, collate,
+from molfun_jax.data.buckets import (CROP_MODES, DEFAULT_BUCKETS, bucket_length, collate,
                                      crop_features, crop_indices, pad_features)
 from molfun_jax.data.dataset import (AffinityDataset, BadEntry, DatasetConfig, Entry, build_example,
                                      render_bad_entries)
@@ -19,10 +19,12 @@ from molfun_jax.data.precomputed import align_precomputed, load_precomputed
 from molfun_jax.data.splits import (identity_clusters, identity_split, identity_split_indices, random_split,
                                     random_split_indices, sequence_identity, temporal_split,
                                     temporal_split_indices)
+from molfun_jax.feature_schema import FEATURE_SCHEMA, FeatureSchema, FeatureSpec
 
 __all__ = [
     "AffinityDataset", "BadEntry", "CROP_MODES", "DEFAULT_BUCKETS", "DataError", "DatasetConfig", "Entry",
-    "EntryError", "FEATURE_AXES", "FeatureConfig", "StructureError", "align_precomputed", "bucket_length",
+    "EntryError", "FEATURE_SCHEMA", "FeatureConfig", "FeatureSchema", "FeatureSpec", "StructureError",
+    "align_precomputed", "bucket_length",
     "build_example", "chain_sequences", "collate", "crop_features", "crop_indices", "identity_clusters",
     "identity_split", "identity_split_indices", "ligand_distance", "load_precomputed", "make_features",
     "pad_features", "parse_structure", "pocket_mask", "random_split", "random_split_indices",

@@ -1,9 +1,9 @@
 """Length buckets, cropping, padding and collation, so that training compiles one program per
 bucket (and per fixed MSA / template depth) rather than one per protein length.
 
-Padding is with zeros everywhere (masks 0, as OpenFold's `make_fixed_size`); every feature's
-axes are listed in `FEATURE_AXES`: N residues, S MSA rows, E extra-MSA rows, T templates,
-'.' a fixed size.
+Padding is with zeros everywhere (masks 0, as OpenFold's `make_fixed_size`). Which axis of a
+feature is padded or cropped comes from its shape in the feature schema
+(`molfun_jax.feature_schema`); a feature the schema does not declare is an error.
 """
 from __future__ import annotations
 
@@ -11,21 +11,11 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from molfun_jax.feature_schema import (FEATURE_SCHEMA, N_EXTRA, N_RES, N_SEQ, N_TEMPL, Features,
+                                     FeatureSchema, FeatureSpec)
+
 DEFAULT_BUCKETS = (64, 128, 256, 384, 512)
 CROP_MODES = ("spatial", "contiguous")
-
-FEATURE_AXES = {
-    "aatype": "N", "residue_index": "N", "seq_mask": "N", "pocket_mask": "N", "target_feat": "N.",
-    "atom14_atom_exists": "N.", "residx_atom14_to_atom37": "N.", "residx_atom37_to_atom14": "N.",
-    "atom37_atom_exists": "N.",
-    "msa_feat": "SN.", "msa_mask": "SN",
-    "extra_msa": "EN", "extra_msa_mask": "EN", "extra_has_deletion": "EN", "extra_deletion_value": "EN",
-    "template_aatype": "TN", "template_all_atom_positions": "TN..", "template_all_atom_mask": "TN.",
-    "template_mask": "T", "template_pseudo_beta": "TN.", "template_pseudo_beta_mask": "TN",
-    "template_torsion_angles_sin_cos": "TN..", "template_alt_torsion_angles_sin_cos": "TN..",
-    "template_torsion_angles_mask": "TN.",
-}
-Features = dict[str, np.ndarray]
 
 
 def bucket_length(n_res: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> Optional[int]:
@@ -57,32 +47,42 @@ def crop_indices(n_res: int, size: int, mode: str = "spatial", ligand_distance: 
     return np.arange(start, start + size)
 
 
-def crop_features(feats: Mapping[str, np.ndarray], indices: np.ndarray) -> Features:
-    """The features of the residues `indices` (other keys unchanged)."""
+def _checked_spec(schema: FeatureSchema, name: str, value: np.ndarray) -> FeatureSpec:
+    spec = schema.spec(name)
+    if np.ndim(value) != len(spec.shape):
+        raise ValueError(f"feature {name!r} has shape {np.shape(value)}; the feature schema says {spec.shape}")
+    return spec
+
+
+def crop_features(feats: Mapping[str, np.ndarray], indices: np.ndarray,
+                  schema: FeatureSchema = FEATURE_SCHEMA) -> Features:
+    """The features of the residues `indices`, along each feature's `schema.cropped_dim` axis
+    (features without one unchanged)."""
     out = {}
     for k, v in feats.items():
-        axes = FEATURE_AXES.get(k)
-        out[k] = np.take(v, indices, axis=axes.index("N")) if axes and "N" in axes else v
+        axis = _checked_spec(schema, k, v).axis(schema.cropped_dim)
+        out[k] = np.take(v, indices, axis=axis) if axis >= 0 else v
     return out
 
 
 def pad_features(feats: Mapping[str, np.ndarray], n_res: int, n_msa: Optional[int] = None,
-                 n_extra: Optional[int] = None, n_templ: Optional[int] = None) -> Features:
+                 n_extra: Optional[int] = None, n_templ: Optional[int] = None, *,
+                 sizes: Optional[Mapping[str, int]] = None, schema: FeatureSchema = FEATURE_SCHEMA) -> Features:
     """Zero-pad the residue axis to `n_res` and, when given, the MSA / extra-MSA / template
-    axes to `n_msa` / `n_extra` / `n_templ` (other keys unchanged)."""
-    sizes = {"N": n_res, "S": n_msa, "E": n_extra, "T": n_templ}
+    axes to `n_msa` / `n_extra` / `n_templ`; `sizes` gives targets of other padded dims of the
+    schema by name. Axes without a target keep their size."""
+    want = {N_RES: n_res, N_SEQ: n_msa, N_EXTRA: n_extra, N_TEMPL: n_templ, **(sizes or {})}
+    unknown = sorted(set(want) - set(schema.padded_dims))
+    if unknown:
+        raise ValueError(f"pad_features: {unknown} are not padded dims of the schema {schema.padded_dims}")
     out = {}
     for k, v in feats.items():
-        axes = FEATURE_AXES.get(k)
-        if axes is None:
-            out[k] = v
-            continue
         pad = []
-        for ax, dim in zip(axes, v.shape):
-            want = sizes.get(ax)
-            if want is not None and dim > want:
-                raise ValueError(f"{k}: axis {ax} has {dim} > {want} (crop before padding)")
-            pad.append((0, (want - dim) if want is not None else 0))
+        for dim, size in zip(_checked_spec(schema, k, v).shape, np.shape(v)):
+            target = want.get(dim) if isinstance(dim, str) else None
+            if target is not None and size > target:
+                raise ValueError(f"{k}: axis {dim} has {size} > {target} (crop before padding)")
+            pad.append((0, target - size if target is not None else 0))
         out[k] = np.pad(v, pad) if any(p for _, p in pad) else v
     return out
 

@@ -17,11 +17,12 @@ import numpy as np
 from Bio import Align
 
 from molfun_jax.data.errors import StructureError
-from molfun_jax.data.features import HHBLITS_TO_OURS, template_features
+from molfun_jax.data.templates import template_features
 from molfun_jax.np import residue_constants as rc
 
 PathLike = Union[str, Path]
 FEATURE_SUFFIXES = (".pkl", ".npz")
+HHBLITS_TO_OURS = np.asarray(rc.MAP_HHBLITS_AATYPE_TO_OUR_AATYPE, np.int32)  # [22] HHblits id -> restype
 MIN_IDENTITY = 0.9  # aligned structure residues identical to the features' sequence (X matches all)
 
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 from Bio import Align
 from Bio.Align import substitution_matrices
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 if TYPE_CHECKING:
     from molfun_jax.data.dataset import AffinityDataset
@@ -91,31 +93,20 @@ def sequence_identity(a: str, b: str) -> float:
 def identity_clusters(sequences: Sequence[Sequence[str]], threshold: float = 0.3) -> np.ndarray:
     """[n] cluster label of each entry (an entry is one or more chain sequences): the connected
     components of the graph linking two entries when any chain of one is >= `threshold`
-    identical to any chain of the other. Entries of different clusters are therefore < threshold
-    identical, chain by chain."""
+    identical to any chain of the other (every pair of distinct sequences is aligned). Entries
+    of different clusters are therefore < threshold identical, chain by chain. Labels are
+    numbered in order of each cluster's first entry."""
+    n = len(sequences)
     uniq = sorted({s for seqs in sequences for s in seqs})
-    index = {s: i for i, s in enumerate(uniq)}
-    parent = list(range(len(uniq)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(i: int, j: int) -> None:
-        parent[find(i)] = find(j)
-
-    for seqs in sequences:  # chains of one entry belong together
-        for s in seqs[1:]:
-            union(index[seqs[0]], index[s])
-    for i in range(len(uniq)):
-        for j in range(i + 1, len(uniq)):
-            if find(i) != find(j) and sequence_identity(uniq[i], uniq[j]) >= threshold:
-                union(i, j)
-    roots = [find(index[seqs[0]]) if len(seqs) else -1 - k for k, seqs in enumerate(sequences)]
-    _, labels = np.unique(roots, return_inverse=True)
-    return labels
+    index = {s: n + i for i, s in enumerate(uniq)}  # graph nodes: entries 0..n-1, then sequences
+    edges = [(e, index[s]) for e, seqs in enumerate(sequences) for s in seqs]
+    edges += [(n + i, n + j) for i in range(len(uniq)) for j in range(i + 1, len(uniq))
+              if sequence_identity(uniq[i], uniq[j]) >= threshold]
+    rows, cols = np.asarray(edges, np.int64).reshape(-1, 2).T
+    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n + len(uniq),) * 2)
+    _, labels = connected_components(graph, directed=False)
+    _, first, inverse = np.unique(labels[:n], return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first))[inverse]
 
 
 def identity_split_indices(sequences: Sequence[Sequence[str]], fractions: Sequence[float] = DEFAULT_FRACTIONS,

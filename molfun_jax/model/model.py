@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 
+from molfun_jax.feature_schema import (C_MSA, C_TF, FEATURE_SCHEMA, N_EXTRA, N_RES, N_SEQ, N_TEMPL,
+                                       FeatureSchema)
 from molfun_jax.model.embedders import (ExtraMSAEmbedder, InputEmbedder, RecyclingEmbedder,
                                         TemplateAngleEmbedder, TemplatePairEmbedder)
 from molfun_jax.model.evoformer import EvoformerStack, ExtraMSAStack
@@ -140,28 +142,13 @@ class AlphaFold(nn.Module):
         return outputs
 
 
-def dummy_features(config: mlc.ConfigDict, n_res: int, n_seq: int = 1, n_extra: int = 1,
-                   n_templ: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes/dtypes of one example's features (for `jax.eval_shape` of init, or zeros)."""
-    f, i = jnp.float32, jnp.int32
-    c = config.model
-    shapes = {
-        "aatype": ((n_res,), i), "residue_index": ((n_res,), i), "seq_mask": ((n_res,), f),
-        "target_feat": ((n_res, c.input_embedder.tf_dim), f),
-        "msa_feat": ((n_seq, n_res, c.input_embedder.msa_dim), f), "msa_mask": ((n_seq, n_res), f),
-        "extra_msa": ((n_extra, n_res), i), "extra_msa_mask": ((n_extra, n_res), f),
-        "extra_has_deletion": ((n_extra, n_res), f), "extra_deletion_value": ((n_extra, n_res), f),
-        "template_aatype": ((n_templ, n_res), i), "template_mask": ((n_templ,), f),
-        "template_all_atom_positions": ((n_templ, n_res, 37, 3), f),
-        "template_all_atom_mask": ((n_templ, n_res, 37), f),
-        "template_pseudo_beta": ((n_templ, n_res, 3), f), "template_pseudo_beta_mask": ((n_templ, n_res), f),
-        "template_torsion_angles_sin_cos": ((n_templ, n_res, 7, 2), f),
-        "template_alt_torsion_angles_sin_cos": ((n_templ, n_res, 7, 2), f),
-        "template_torsion_angles_mask": ((n_templ, n_res, 7), f),
-        "atom14_atom_exists": ((n_res, 14), f), "residx_atom14_to_atom37": ((n_res, 14), i),
-        "residx_atom37_to_atom14": ((n_res, 37), i), "atom37_atom_exists": ((n_res, 37), f),
-    }
-    return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
+def dummy_features(config: mlc.ConfigDict, n_res: int, n_seq: int = 1, n_extra: int = 1, n_templ: int = 1,
+                   schema: FeatureSchema = FEATURE_SCHEMA) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes/dtypes of one example's model inputs in `schema` (for `jax.eval_shape` of init,
+    or zeros); channel widths from the config's input embedder."""
+    e = config.model.input_embedder
+    sizes = {N_RES: n_res, N_SEQ: n_seq, N_EXTRA: n_extra, N_TEMPL: n_templ, C_TF: e.tf_dim, C_MSA: e.msa_dim}
+    return {k: jax.ShapeDtypeStruct(schema.shape(k, sizes), schema.spec(k).dtype) for k in schema.model_inputs}
 
 
 def param_shapes(config: mlc.ConfigDict) -> dict:

@@ -10,13 +10,13 @@ update). With W = warmup_steps, T = total_steps, floor = min_lr_ratio * peak:
                 linear:   peak - (peak - floor) * t
                 constant: peak
 
-`min_lr_ratio` defaults to 0 (decay to zero, as the seed's cosine / linear schedulers).
+`min_lr_ratio` defaults to 0 (decay to zero). Built from optax's `linear_schedule`,
+`cosine_decay_schedule`, `constant_schedule` and `join_schedules`.
 """
 from __future__ import annotations
 
 import math
 
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -32,22 +32,16 @@ def make_schedule(peak: float, total_steps: int, warmup_steps: int = 0, kind: st
         raise ValueError(f"need total_steps >= 1 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-    floor = min_lr_ratio * peak
     span = max(total_steps - warmup_steps, 1)
-
-    def schedule(step: jnp.ndarray) -> jnp.ndarray:
-        step = jnp.asarray(step, jnp.float32)
-        warm = peak * step / max(warmup_steps, 1)
-        t = jnp.clip((step - warmup_steps) / span, 0.0, 1.0)
-        if kind == "cosine":
-            decayed = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(math.pi * t))
-        elif kind == "linear":
-            decayed = peak - (peak - floor) * t
-        else:
-            decayed = jnp.full_like(t, peak)
-        return jnp.where(step < warmup_steps, warm, decayed)
-
-    return schedule
+    if kind == "cosine":
+        decay = optax.cosine_decay_schedule(peak, span, alpha=min_lr_ratio)
+    elif kind == "linear":
+        decay = optax.linear_schedule(peak, min_lr_ratio * peak, span)
+    else:
+        decay = optax.constant_schedule(peak)
+    if warmup_steps == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), decay], [warmup_steps])
 
 
 def steps_per_epoch(micro_batches_per_bucket: list[int], accumulation_steps: int) -> int:
