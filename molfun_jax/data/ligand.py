@@ -155,11 +155,16 @@ def _partial(raw: Optional[Chem.Mol]) -> tuple[Optional[Chem.Mol], str]:
 def _read_file(path: Path, sanitize: bool) -> tuple[list[Optional[Chem.Mol]], str]:
     """(molecules of an SDF / mol2 file, None where RDKit fails; RDKit's log). Sanitised ones
     have their hydrogens removed; unsanitised ones keep them."""
+    if path.stat().st_size == 0:
+        return [], ""
     with rdBase.CaptureErrorLog() as log:
-        if path.suffix.lower() == ".mol2":
-            mols = [Chem.MolFromMol2File(str(path), sanitize=sanitize, removeHs=sanitize)]
-        else:
-            mols = list(Chem.SDMolSupplier(str(path), sanitize=sanitize, removeHs=sanitize))
+        try:
+            if path.suffix.lower() == ".mol2":
+                mols = [Chem.MolFromMol2File(str(path), sanitize=sanitize, removeHs=sanitize)]
+            else:
+                mols = list(Chem.SDMolSupplier(str(path), sanitize=sanitize, removeHs=sanitize))
+        except OSError as e:  # RDKit's "File error: Invalid input file"
+            return [None], str(e)
     return mols, _messages(log)
 
 
@@ -178,8 +183,8 @@ def _without_metals(mol: Chem.Mol) -> tuple[Chem.Mol, list[str]]:
 
 def _finish(mol: Chem.Mol, path: Path, source: str, sanitized: str, warnings: list[str],
             bond_orders_known: bool = True) -> Ligand:
-    # RemoveHs keeps some hydrogens (e.g. 1nlo's); the graph is the heavy atoms only
-    mol, metals = _without_metals(Chem.RemoveAllHs(mol, sanitize=False))
+    # RemoveHs keeps some hydrogens (e.g. 1nlo's); the graph is the heavy atoms only, re-perceived
+    mol, metals = _without_metals(Chem.RemoveAllHs(mol, sanitize=sanitized == "full"))
     if metals:
         warnings.append(f"metal atom(s) {', '.join(metals)} left out of the ligand graph")
     if mol.GetNumAtoms() == 0:
@@ -290,9 +295,13 @@ def ligand_from_structure(path: PathLike, resname: str, smiles: Optional[str] = 
     template = Chem.MolFromSmiles(smiles)
     if template is None:
         raise StructureError(path, f"SMILES {smiles!r} of ligand {name} cannot be parsed by RDKit")
+    template = Chem.RemoveHs(template)
+    if template.GetNumAtoms() != mol.GetNumAtoms():
+        raise StructureError(path, f"SMILES {smiles!r} has {template.GetNumAtoms()} heavy atoms, ligand {name} "
+                                   f"{mol.GetNumAtoms()}")
     try:
         with rdBase.CaptureErrorLog():
-            mol = AllChem.AssignBondOrdersFromTemplate(Chem.RemoveHs(template), mol)
+            mol = AllChem.AssignBondOrdersFromTemplate(template, mol)
     except Exception as e:  # RDKit: ValueError "No matching found" and sanitisation errors
         raise StructureError(path, f"SMILES {smiles!r} does not match ligand {name} ({mol.GetNumAtoms()} heavy "
                                    f"atoms): {e}") from None
