@@ -40,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from molfun_jax.config import model_config
-    from molfun_jax.data import crop_indices, ligand_distance, make_features, parse_structure
+    from molfun_jax.data import crop_features, crop_indices, ligand_distance, make_features, parse_structure
     from molfun_jax.data.ligand import ligand_features, ligand_pocket_mask, read_ligand
     from molfun_jax.heads import LIGAND_HEAD_INPUT_KEYS, LigandAffinityHead, LigandHeadConfig
 
@@ -80,7 +80,6 @@ def main() -> None:
     chain = parse_structure(ROOT.parent / "shared" / "fixtures" / "structures" / "chains" / "2gu3A.pdb.gz")
     feats = make_features(chain)
     keep = np.arange(min(n, len(chain["aatype"])))
-    from molfun_jax.data import crop_features
     feats = {k: jnp.asarray(v) for k, v in crop_features(feats, keep).items()}
     model = AlphaFold(cfg)
     # random weights of the right shapes (the forward time does not depend on their values;
