@@ -57,7 +57,7 @@ def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocesses alike (identical programs compile once)."""
     import os
 
-    from molfun_jax.cli import enable_compilation_cache
+    from molfun_jax.cli.common import enable_compilation_cache
 
     d = _session_dir(tmp_path_factory, "xla_cache")
     d.mkdir(exist_ok=True)
