@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -108,6 +109,8 @@ class TensorBoardTracker(Tracker):
 class MLflowTracker(Tracker):
     def __init__(self, uri: str, run_name: Optional[str]) -> None:
         mlflow = _require("mlflow", "mlflow")
+        if uri.startswith("file:"):  # MLflow >= 3.x refuses its (maintained, offline) file store without this
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self._client = mlflow.MlflowClient(tracking_uri=uri)
         exp = self._client.get_experiment_by_name(EXPERIMENT)
         exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(EXPERIMENT)
@@ -130,8 +133,6 @@ class MLflowTracker(Tracker):
 
 class WandbTracker(Tracker):
     def __init__(self, folder: Path, run_name: Optional[str]) -> None:
-        import os
-
         wandb = _require("wandb", "wandb")
         folder.mkdir(parents=True, exist_ok=True)
         self._run = wandb.init(project=EXPERIMENT, name=run_name, dir=str(folder),
