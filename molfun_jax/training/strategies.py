@@ -32,9 +32,9 @@ scales or other 1-D leaves --, the label's schedule), behind a global-norm clip.
   alone would only shrink them), as does the structure module when the head reads the
   Evoformer's single representation (the default).
 
-Head LR defaults to 10x the trunk / LoRA LR (`lr_head=None`): LoRA 1e-4 -> 1e-3 (the seed's
-value), Partial 1e-5 -> 1e-4 and Full 1e-5 -> 1e-4 (the seed used 1e-3 there; we follow the 10x
-rule). HeadOnly trains only the head, at `lr` (1e-3).
+Head LR defaults to 10x the trunk / LoRA LR (`lr_head=None`): LoRA 1e-4 -> 1e-3 (the value of
+Molfun, the PyTorch original), Partial 1e-5 -> 1e-4 and Full 1e-5 -> 1e-4 (Molfun used 1e-3 there;
+we follow the 10x rule). HeadOnly trains only the head, at `lr` (1e-3).
 
 A strategy class describes itself, and the CLI and the API read that: `name`, `lr_field` (the
 field `--lr` sets), `structural` (fields that change which parameters exist or train, checked on
@@ -103,7 +103,7 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Strategy:
-    """Options shared by every strategy (defaults = the seed's)."""
+    """Options shared by every strategy (defaults = those of Molfun, the PyTorch original)."""
     name: ClassVar[str] = ""
     lr_field: ClassVar[str] = "lr"  # the field `--lr` sets
     structural: ClassVar[tuple[str, ...]] = ()  # fields beyond `name` checked on load / resume
