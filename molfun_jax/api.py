@@ -162,7 +162,7 @@ class MolfunStructureModel:
         def on_step(step: int, metrics: dict[str, float]) -> None:
             tracker.log_metrics(step_metrics(metrics), step)
 
-        self.norm = norm or target_norm(train, normalize_targets)
+        self.norm = norm if norm is not None else target_norm(train, normalize_targets)
         result = fit(self.config, self.strategy, self.variables, train, val, head_config=self.head_config,
                      epochs=epochs, batch_size=batch_size, seed=self.seed, norm=self.norm, progress=progress,
                      on_epoch_end=epoch_end, on_step=on_step if tracker is not None else None, state=state,

@@ -179,7 +179,7 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
         raise ValueError(f"batch_size={batch_size} must be a multiple of the number of devices ({mesh.size})")
     model = AffinityModel(with_dtype(model_config, strategy.compute_dtype), head_config, trunk_dropout)
     plan = strategy.plan(variables, head_source=head_config.source)
-    norm = norm or target_norm(train, normalize_targets)
+    norm = norm if norm is not None else target_norm(train, normalize_targets)
     train_n, val_n = _normalized(train, norm), _normalized(val or [], norm)
     k = strategy.accumulation_steps
     total_steps = epochs * count_steps(train_n, batch_size, k)
