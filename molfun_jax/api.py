@@ -1,5 +1,5 @@
-"""The Python API (the seed's `MolfunStructureModel`): an AlphaFold trunk + affinity head, a
-fine-tuning strategy, and `fit` / `predict` / `save` / `load` / `merge` / `unmerge` / `export`.
+"""The Python API, `MolfunStructureModel`: an AlphaFold trunk + affinity head, a fine-tuning
+strategy, and `fit` / `predict` / `save` / `load` / `merge` / `unmerge` / `export`.
 
     from molfun_jax.api import MolfunStructureModel
     from molfun_jax.training import LoRA
@@ -12,151 +12,31 @@ fine-tuning strategy, and `fit` / `predict` / `save` / `load` / `merge` / `unmer
 Examples are dicts of numpy features (one example; `molfun_jax.data`) with a scalar `target`.
 
 The frozen base trunk is never written to checkpoints: `meta.base_weights` says where it comes
-from (a converted folder / an OpenFold .pt and its sha256, or random init from a seed), and
-`load` rebuilds it from there (or from `weights=`). Checkpoints hold what the strategy trains.
+from (`molfun_jax.pretrained`), and `load` rebuilds it from there (or from `weights=`).
+Checkpoints hold what the strategy trains. `fit(..., tracker=make_tracker("mlflow"))` logs each
+step and epoch to an experiment tracker (`molfun_jax.tracking`). See docs/architecture.md.
 """
 from __future__ import annotations
 
 import copy
-import functools
-import hashlib
-import importlib.metadata
-import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
-from flax import traverse_util
 
 from molfun_jax import checkpoint as ckpt
 from molfun_jax import lora as lora_lib
 from molfun_jax.config import config_from_dict, config_to_dict, model_config
 from molfun_jax.heads.affinity import HeadConfig, TargetNorm
-from molfun_jax.model import AlphaFold, dummy_features
+from molfun_jax.pretrained import count_params, load_base_weights, rebuild_base_weights, versions
+from molfun_jax.tracking import Tracker, epoch_metrics, step_metrics
 from molfun_jax.training import (AffinityModel, HeadOnly, LoRA, Strategy, count_steps, data_mesh, eval_params,
-                                 fit, init_state, make_predict_step, predict_all, strategy_from_dict, with_dtype)
-
-# strategy fields that change which parameters exist / are trained (checked on load and resume)
-_STRUCTURAL = ("name", "rank", "alpha", "target_modules", "stacks", "unfreeze_last_n", "unfreeze_structure_module")
-_VERSIONED = ("molfun-jax", "jax", "flax", "optax", "orbax-checkpoint")
+                                 fit, init_state, make_predict_step, predict_all, strategy_from_dict, target_norm,
+                                 with_dtype)
 
 Example = Mapping[str, Any]
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for pkg in _VERSIONED:
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def count_params(tree: Any) -> int:
-    return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
-
-
-def random_trunk(config: mlc.ConfigDict, seed: int) -> dict:
-    """AlphaFold params with OpenFold's initialisers from `PRNGKey(seed)` (deterministic: the
-    same seed gives bit-identical params, so checkpoints of random-weight runs can rebuild them)."""
-    init = _init_fn(json.dumps(config_to_dict(config), sort_keys=True))
-    return jax.tree_util.tree_map(np.asarray, init(jax.random.PRNGKey(seed)))
-
-
-@functools.lru_cache(maxsize=4)
-def _init_fn(config_json: str) -> Callable:
-    """The jitted init of a config (compiled once per config and process)."""
-    cfg = with_dtype(config_from_dict(json.loads(config_json)), "float32")
-    cfg.globals.num_recycles = 0  # params do not depend on recycling; this compiles less
-    feats = {k: jnp.zeros(v.shape, v.dtype) for k, v in dummy_features(cfg, n_res=4).items()}
-    return jax.jit(lambda key: AlphaFold(cfg).init(key, feats)["params"])
-
-
-def tree_fingerprint(tree: Any) -> str:
-    """sha256 over a param tree's paths, shapes, dtypes and bytes (identifies base weights)."""
-    h = hashlib.sha256()
-    for path, leaf in sorted(traverse_util.flatten_dict(dict(tree)).items()):
-        a = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{'/'.join(path)}:{a.dtype.str}:{a.shape};".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def load_base_weights(weights: Optional[str | Path], config: mlc.ConfigDict, preset: str, seed: int,
-                      cache_dir: Optional[str | Path] = None,
-                      log: Optional[Callable[[str], None]] = None) -> tuple[dict, dict]:
-    """(trunk params, base_weights meta). `weights`: None (random init from `seed`), an OpenFold
-    `.pt` (converted once into `cache_dir/<sha256>/`, default next to the file) or a converted
-    folder (`convert/torch_to_flax.py`). The meta holds the params' `fingerprint`."""
-    from molfun_jax.pretrained import load_pretrained
-
-    if weights is None:
-        params, meta = random_trunk(config, seed), {"kind": "random", "seed": int(seed)}
-    else:
-        w = Path(weights).absolute()
-        if not w.exists():
-            raise FileNotFoundError(f"weights {w}: no such file or folder")
-        if w.is_file():
-            from convert.torch_to_flax import convert_file
-
-            sha = sha256_file(w)
-            folder = Path(cache_dir or w.parent / "weights_cache").absolute() / sha[:16]
-            if not (folder / "meta.json").is_file():
-                if log:
-                    log(f"Converting {w.name} to Flax weights (cached in {folder})")
-                tmp = folder.with_name(folder.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                convert_file(w, tmp, preset)
-                tmp.rename(folder)
-            params, _ = load_pretrained(folder, config)
-            meta = {"kind": "pt", "path": str(w), "sha256": sha, "converted": str(folder)}
-        else:
-            params, _ = load_pretrained(w, config)
-            meta = {"kind": "converted", "path": str(w)}
-    return params, {**meta, "fingerprint": tree_fingerprint(params)}
-
-
-def rebuild_base_weights(base: Mapping[str, Any], config: mlc.ConfigDict, preset: str,
-                         weights: Optional[str | Path] = None) -> tuple[dict, dict]:
-    """The base trunk that a checkpoint's `meta.base_weights` describes, from where it was
-    (`weights` overrides the recorded path); other weights than the ones trained on are refused."""
-    kind = base.get("kind")
-    given = weights is not None
-    if kind == "random":
-        if weights is not None:
-            raise ckpt.CheckpointError("this checkpoint was trained on random base weights (seed "
-                                       f"{base['seed']}); do not pass weights")
-        params, meta = load_base_weights(None, config, preset, base["seed"])
-    elif kind in ("pt", "converted"):
-        if not given:
-            recorded = [Path(base["path"])] + ([Path(base["converted"])] if kind == "pt" else [])
-            found = [p for p in recorded[::-1] if p.is_file() or (p / "meta.json").is_file()]
-            if not found:
-                raise ckpt.CheckpointError(f"the base weights of this checkpoint ({base['path']}) are gone: "
-                                           "pass weights=/--weights with them")
-            weights = found[0]
-        cache = Path(base["converted"]).parent if kind == "pt" else None
-        params, meta = load_base_weights(weights, config, preset, 0, cache_dir=cache)
-    else:
-        raise ckpt.CheckpointError(f"unknown base_weights kind {kind!r} in the checkpoint meta")
-    if base.get("fingerprint") not in (None, meta["fingerprint"]):
-        raise ckpt.CheckpointError(f"the base weights {meta.get('path', '(random init)')} are not the ones this "
-                                   f"checkpoint was trained on (fingerprint {meta['fingerprint'][:12]}, "
-                                   f"expected {base['fingerprint'][:12]})")
-    return params, (meta if kind != "random" and given else dict(base))
 
 
 class MolfunStructureModel:
@@ -173,7 +53,8 @@ class MolfunStructureModel:
                  weights: Optional[str | Path] = None, num_recycles: Optional[int] = None,
                  head_config: Optional[HeadConfig] = None, seed: int = 0,
                  config: Optional[mlc.ConfigDict] = None, cache_dir: Optional[str | Path] = None,
-                 log: Optional[Callable[[str], None]] = None, _base: Optional[tuple[dict, dict]] = None) -> None:
+                 log: Optional[Callable[[str], None]] = None, data_info: Optional[Mapping[str, Any]] = None,
+                 _base: Optional[tuple[dict, dict]] = None) -> None:
         self.preset = preset
         self.config = copy.deepcopy(config) if config is not None else model_config(preset, train=True)
         if num_recycles is not None:
@@ -189,9 +70,11 @@ class MolfunStructureModel:
         self.norm = TargetNorm()
         self.history: list[dict] = []
         self.best_epoch = 0
-        self.data_info: dict[str, Any] = {}  # dataset description stored in meta (e.g. max_len)
+        self.data_info: dict[str, Any] = dict(data_info or {})  # dataset description stored in meta (max_len)
+        self.exported_from: Optional[dict] = None  # an export's original strategy (`load` of an export)
         self._merged: Optional[tuple[dict, dict]] = None  # (adapters, overwritten kernels) while merged
         self._predictors: dict[Any, Callable] = {}
+        self._mesh = data_mesh()
 
     # --- description ------------------------------------------------------------------------
     @property
@@ -219,8 +102,9 @@ class MolfunStructureModel:
 
     def _compat(self, meta: Mapping[str, Any]) -> dict[str, Any]:
         """The parts of a meta that a checkpoint must share with this model."""
+        structural = self.strategy.structural_fields()
         return {"preset": meta.get("preset"),
-                "strategy": {k: v for k, v in (meta.get("strategy") or {}).items() if k in _STRUCTURAL},
+                "strategy": {k: v for k, v in (meta.get("strategy") or {}).items() if k in structural},
                 "model_config": (meta.get("model_config") or {}).get("model"),
                 "head": meta.get("head"), "lora": meta.get("lora")}
 
@@ -232,7 +116,8 @@ class MolfunStructureModel:
     def fit(self, train: Sequence[Example], val: Optional[Sequence[Example]] = None, *, epochs: int = 10,
             batch_size: int = 2, output: Optional[str | Path] = None, keep: int = 3, resume: bool = False,
             normalize_targets: bool = True, progress: Optional[bool] = None,
-            on_epoch_end: Optional[Callable[[dict, "MolfunStructureModel"], None]] = None) -> list[dict]:
+            on_epoch_end: Optional[Callable[[dict, "MolfunStructureModel"], None]] = None,
+            tracker: Optional[Tracker] = None) -> list[dict]:
         """Fine-tune on `train`, validating on `val` each epoch; returns the history (one dict
         per epoch: train_loss, val_loss, val_rmse/mae/pearson/spearman, lr, ...).
 
@@ -240,7 +125,9 @@ class MolfunStructureModel:
         the best epoch's evaluated params under `output/best`; `resume=True` continues from the
         last one (same data, seed and settings give the same losses as an uninterrupted run).
         At the end the model holds the best epoch's params (EMA ones when EMA is on).
-        `on_epoch_end(row, model)` runs after each epoch's checkpoint.
+        `on_epoch_end(row, model)` runs after each epoch's checkpoint. `tracker`
+        (`molfun_jax.tracking.make_tracker`) gets each step's loss / LR / grad norm and each
+        epoch's row; the caller closes it.
         """
         if self._merged is not None:
             raise RuntimeError("the model is merged (inference only): unmerge() before fit()")
@@ -267,16 +154,19 @@ class MolfunStructureModel:
                 runs.save(epoch, trainable=st["trainable"], ema=st.get("ema"),
                           opt_state={"opt_state": st["opt_state"], "step": st["step"], "rng": st["rng"]},
                           meta=meta, trainer=trainer)
+            if tracker is not None:
+                tracker.log_metrics(epoch_metrics(row), int(st["step"]))
             if on_epoch_end is not None:
                 on_epoch_end(row, self)
 
-        if norm is None:
-            norm = TargetNorm.fit([float(np.asarray(e["target"])) for e in train]) if normalize_targets \
-                else TargetNorm()
-        self.norm = norm
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            tracker.log_metrics(step_metrics(metrics), step)
+
+        self.norm = norm if norm is not None else target_norm(train, normalize_targets)
         result = fit(self.config, self.strategy, self.variables, train, val, head_config=self.head_config,
-                     epochs=epochs, batch_size=batch_size, seed=self.seed, norm=norm, progress=progress,
-                     on_epoch_end=epoch_end, state=state, history=history)
+                     epochs=epochs, batch_size=batch_size, seed=self.seed, norm=self.norm, progress=progress,
+                     on_epoch_end=epoch_end, on_step=on_step if tracker is not None else None, state=state,
+                     history=history)
         self.history = rows
         self.best_epoch = best["epoch"]
         if runs is not None:
@@ -315,7 +205,6 @@ class MolfunStructureModel:
         trainable, frozen = plan.split(self.variables)
         key = tuple(sorted(plan.rules.items()))
         if key not in self._predictors:
-            self._mesh = data_mesh()
             model = AffinityModel(with_dtype(self.config, self.compute_dtype), self.head_config)
             self._predictors[key] = make_predict_step(model, plan, self._mesh)
         return self._predictors[key], trainable, frozen, self._mesh
@@ -372,14 +261,8 @@ class MolfunStructureModel:
         epoch = max(self.best_epoch, 0)
         trainer = {"epoch": epoch, "history": self.history, "best_epoch": self.best_epoch,
                    "norm": self.norm.to_dict()}
-        runs = ckpt._manager(Path(path), keep=1)
-        try:
-            runs.save(epoch, args=ckpt._save_args({"trainable": self._trainable(), "meta": self.meta(),
-                                                   "trainer": trainer}), force=True)
-            runs.wait_until_finished()
-        finally:
-            runs.close()
-        return Path(path).absolute() / str(epoch)
+        return ckpt.save_checkpoint(path, epoch, {"trainable": self._trainable(), "meta": self.meta(),
+                                                  "trainer": trainer})
 
     def _load_trainable(self, path: Path, trainer_state: bool = True) -> None:
         """Put a checkpoint's trained params into the variables (and, with `trainer_state`, its
@@ -421,18 +304,18 @@ class MolfunStructureModel:
         if ckpt.is_export(p):
             params, head_params, _ = ckpt.read_export(p)
             m = cls(meta["preset"], HeadOnly(amp=meta["compute_dtype"] == "bfloat16"), config=config,
-                    head_config=head, seed=meta.get("seed", 0), _base=(params, meta["base_weights"]))
+                    head_config=head, seed=meta.get("seed", 0), data_info=meta.get("data"),
+                    _base=(params, meta["base_weights"]))
             m.variables = {"trunk": params, "head": head_params, "lora": {}}
             m.norm = TargetNorm(**meta["norm"])
-            m.data_info = meta.get("data", {})
             m.exported_from = meta.get("exported_from")
             return m
         strat = strategy_from_dict(meta["strategy"])
         base = rebuild_base_weights(meta["base_weights"], config, meta["preset"], weights)
-        m = cls(meta["preset"], strat, config=config, head_config=head, seed=meta["seed"], _base=base)
+        m = cls(meta["preset"], strat, config=config, head_config=head, seed=meta["seed"],
+                data_info=meta.get("data"), _base=base)
         m.check_checkpoint(meta, str(p))
         m._load_trainable(p)
-        m.data_info = meta.get("data", {})
         return m
 
     def export(self, path: str | Path) -> Path:

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from molfun_jax.pretrained import write_json_atomic
+from molfun_jax.atomic import write_json_atomic
 
 FORMAT = "molfun_jax.checkpoint/1"
 EXPORT_FORMAT = "molfun_jax.export/1"
@@ -93,17 +93,21 @@ class RunCheckpointer:
     def latest_epoch(self) -> int | None:
         return self.last.latest_step()
 
-    def restore_latest(self, abstract: Mapping[str, Any]) -> dict[str, Any]:
-        """Restore the latest epoch checkpoint. `abstract` maps `trainable`, `ema` (or None) and
-        `opt_state` to trees of ShapeDtypeStructs (the optimizer's NamedTuples come from it)."""
-        epoch = self.latest_epoch()
-        if epoch is None:
-            raise CheckpointError(f"{self.last.directory}: no checkpoint to resume from")
-        return restore(self.last.directory / str(epoch), abstract)
-
     def close(self) -> None:
         self.last.close()
         self.best.close()
+
+
+def save_checkpoint(directory: str | Path, epoch: int, items: Mapping[str, Any]) -> Path:
+    """One checkpoint `<directory>/<epoch>` of `items` (names from ITEMS; None values are left
+    out), written atomically; e.g. `MolfunStructureModel.save`."""
+    mgr = _manager(Path(directory), keep=1)
+    try:
+        mgr.save(epoch, args=_save_args(items), force=True)
+        mgr.wait_until_finished()
+    finally:
+        mgr.close()
+    return Path(directory).absolute() / str(epoch)
 
 
 def locate(path: str | Path) -> Path:

@@ -9,26 +9,16 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from molfun_jax.pretrained import write_json_atomic
+from molfun_jax.atomic import write_bytes_atomic, write_json_atomic
 
 METRIC_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "lr", "val_rmse", "val_mae", "val_pearson",
                   "val_spearman", "epoch_time_s")
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict[str, float]:
@@ -74,7 +64,7 @@ def write_metrics_csv(path: str | Path, history: Iterable[Mapping[str, Any]]) ->
     for row in history:
         w.writerow({k: ("" if row.get(k) is None or (isinstance(row.get(k), float) and math.isnan(row[k]))
                         else row[k]) for k in METRIC_COLUMNS})
-    _write_bytes_atomic(Path(path), buf.getvalue().encode())
+    write_bytes_atomic(Path(path), buf.getvalue().encode())
     return Path(path)
 
 
@@ -89,7 +79,7 @@ def _save_fig(fig: Any, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
-    _write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
     return path
 
 

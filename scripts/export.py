@@ -1,45 +1,12 @@
-"""Export a fine-tuned checkpoint as a merged, inference-only model: the whole AlphaFold trunk
-with the LoRA adapters folded into its kernels (W + scale * A @ B), the head and meta.json.
-
-    python scripts/export.py runs/lora1 exported/lora1          # the run's best checkpoint
-    python scripts/export.py runs/lora1/checkpoints/7 exported/e7
-    python scripts/predict.py exported/lora1 --pdbs structures/ --output preds.csv
-
-The export needs no base weights to load (they are inside); a checkpoint does.
-"""
-from __future__ import annotations
-
-import argparse
+"""Shim: `python scripts/export.py ...` runs `molfun_jax.cli.export.main` (see its docstring, or --help)."""
 import sys
 from pathlib import Path
-from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint", type=Path, help="run folder (best epoch), checkpoints/<epoch> or best/<epoch>")
-    ap.add_argument("output", type=Path, help="folder for the merged model")
-    ap.add_argument("--weights", type=Path, help="the base weights (.pt or converted folder) if they moved")
-    a = ap.parse_args(argv)
-    if not a.checkpoint.exists():
-        ap.error(f"{a.checkpoint}: no such checkpoint or run folder")
-    if a.output.exists() and any(a.output.iterdir()):
-        ap.error(f"{a.output} exists and is not empty")
-    from molfun_jax.api import export_checkpoint
-    from molfun_jax.cli import enable_compilation_cache, run_reporting_errors
-
-    enable_compilation_cache()
-
-    def export() -> None:
-        out = export_checkpoint(a.checkpoint, a.output, weights=a.weights)
-        print(f"Exported a merged inference-only model to {out}")
-
-    return run_reporting_errors(export)
-
+from molfun_jax.cli.export import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

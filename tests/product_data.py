@@ -57,7 +57,7 @@ def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocesses alike (identical programs compile once)."""
     import os
 
-    from molfun_jax.cli import enable_compilation_cache
+    from molfun_jax.cli.common import enable_compilation_cache
 
     d = _session_dir(tmp_path_factory, "xla_cache")
     d.mkdir(exist_ok=True)
@@ -131,3 +131,20 @@ def chain_examples(data_csv: Path) -> list[dict]:
 
     ds = AffinityDataset.from_csv(data_csv, CHAINS, buckets=(N_RES,))
     return [{**ds[i], "pdb_id": pid} for i, pid in enumerate(ds.ids)]
+
+
+TINY_RUN = ["--preset", "tiny", "--strategy", "head_only", "--epochs", "2", "--batch-size", "2", "--accum", "1",
+            "--max-len", "16", "--num-recycles", "0", "--precision", "fp32", "--val-frac", "0.25",
+            "--test-frac", "0.25", "--quiet"]
+
+
+def tiny_run(out: Path, data: Path, weights: Path, *extra: str) -> list[dict]:
+    """A `train.py` run in-process (`main`): 4 train / 2 val / 2 test chains of 16 residues,
+    head_only, 2 epochs of 2 steps (`extra` flags win); its metrics.csv rows."""
+    from molfun_jax.cli.train import main
+
+    args = ["--data", str(data), "--pdbs", str(CHAINS), "--weights", str(weights), *TINY_RUN,
+            "--output", str(out), *extra]
+    assert main(args) == 0
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))

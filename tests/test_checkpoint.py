@@ -15,7 +15,8 @@ import pytest
 from flax import traverse_util
 
 from molfun_jax import checkpoint as ckpt
-from molfun_jax.api import MolfunStructureModel, random_trunk
+from molfun_jax.api import MolfunStructureModel
+from molfun_jax.pretrained import random_trunk
 from molfun_jax.training import Full, HeadOnly, LoRA
 from tests.product_data import (chain_examples, compile_cache, data_csv, fast_config, fast_weights,  # noqa: F401
                                 write_weights)

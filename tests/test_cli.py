@@ -60,7 +60,7 @@ def lora_cli_run(tmp_path_factory, data_csv, tiny_weights, compile_cache):
 
 # ---------------------------------------------------------------------------- validation
 def parse(argv: list[str]):
-    from scripts.train import parse_args
+    from molfun_jax.cli.train import parse_args
     return parse_args(argv)
 
 
@@ -75,15 +75,15 @@ BAD_FLAGS = [
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--accum", "0"], "--accum must be >= 1"),
-    (["--ema", "1.0"], "--ema is an EMA decay in"),
+    (["--ema", "1.0"], "--ema is an EMA decay in [0, 1)"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
     (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
     (["--early-stopping", "-2"], "--early-stopping must be >= 0"),
     (["--max-len", "4"], "--max-len must be >= 8"),
     (["--num-recycles", "-1"], "--num-recycles must be >= 0"),
-    (["--unfreeze-blocks", "0"], "--unfreeze-blocks must be >= 1"),
-    (["--strategy", "partial", "--unfreeze-blocks", "3"], "--unfreeze-blocks 3: preset tiny has 2 Evoformer blocks"),
+    (["--strategy", "partial", "--unfreeze-blocks", "0"], "--unfreeze-blocks must be >= 1"),
+    (["--strategy", "partial", "--unfreeze-blocks", "3"], "--unfreeze-blocks 3: the Evoformer has 2 blocks (preset tiny)"),
     (["--val-frac", "0.6", "--test-frac", "0.5"], "must leave some training data"),
     (["--keep", "0"], "--keep must be >= 1"),
     (["--preset", "model_9"], "--preset 'model_9' is not one of"),
@@ -142,10 +142,11 @@ def test_run_errors_exit_2_with_a_message(tmp_path, capsys, compile_cache):
     assert main(["--data", str(bad), "--pdbs", str(CHAINS), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "no usable entry" in err and "not a number" in err
+    assert err.count("not a number") == 1  # the bad-entry table is printed once, in the error
 
 
 def test_flags_make_the_strategy():
-    from molfun_jax.cli import build_strategy
+    from molfun_jax.cli.train import build_strategy
     from molfun_jax.training import Full, HeadOnly, LoRA, Partial
 
     base = dict(lr=None, lora_rank=8, unfreeze_blocks=4, warmup=10, scheduler="linear", ema=0.999, accum=3,
@@ -163,7 +164,7 @@ def test_flags_make_the_strategy():
 
 
 def test_splits(data_csv, tmp_path):
-    from molfun_jax.cli import load_splits
+    from molfun_jax.cli.train import load_splits
 
     def split(kind: str, csv_path: Path = data_csv) -> tuple:
         a = Namespace(data=csv_path, pdbs=CHAINS, features=None, max_len=16, val_frac=0.25, test_frac=0.25,

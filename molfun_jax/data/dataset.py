@@ -67,7 +67,7 @@ class DatasetConfig:
 class Entry:
     """One usable CSV entry (`n_res`: residues before cropping; `bucket`: padded length)."""
     pdb_id: str
-    target: float
+    target: Optional[float]  # None: unlabelled (prediction)
     row: int
     structure: Path
     features: Optional[Path] = None
@@ -135,8 +135,8 @@ def _names(value: Optional[str]) -> Optional[tuple[str, ...]]:
     return tuple(v for v in _LIST_SPLIT.split(value.strip()) if v)
 
 
-def _read_csv(csv_path: Path) -> list[dict[str, str]]:
-    """The rows, keys lower-cased; the file must have `pdb_id` and `affinity` columns."""
+def _read_csv(csv_path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    """The rows, keys lower-cased; the file must have the `required` columns."""
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: CSV file not found")
     with csv_path.open(newline="", encoding="utf-8-sig") as f:
@@ -144,10 +144,120 @@ def _read_csv(csv_path: Path) -> list[dict[str, str]]:
         fields = [(c or "").strip() for c in (reader.fieldnames or [])]
         rows = [{(k or "").strip().lower(): (v if isinstance(v, str) else "") for k, v in r.items()} for r in reader]
     lower = [c.lower() for c in fields]
-    missing = [c for c in ("pdb_id", "affinity") if c not in lower]
+    missing = [c for c in required if c not in lower]
     if missing:
         raise DataError(f"{csv_path}: no {' / '.join(repr(m) for m in missing)} column (columns: {fields})")
     return rows
+
+
+def structure_ids(structures_dir: PathLike) -> list[str]:
+    """The `pdb_id`s of the structure files in a folder (sorted)."""
+    names = set()
+    for name, path in _index_dir(structures_dir).items():
+        suffix = next((s for s in sorted(STRUCTURE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+        if suffix is not None:
+            names.add(path.name[:-len(suffix)])
+    if not names:
+        raise DataError(f"{structures_dir}: no structure files (*.pdb, *.cif, optionally .gz)")
+    return sorted(names)
+
+
+def _entry(r: dict[str, str], row: int, labelled: bool, structures: dict[str, Path], structures_dir: PathLike,
+           features: Optional[dict[str, Path]], features_dir: Optional[PathLike]) -> tuple[Entry, Optional[str]]:
+    """One CSV row as an Entry (EntryError when unusable) and a note about its label, if any."""
+    known = {"pdb_id", "affinity", "year", "resolution", "chain", "ligand"}
+    pdb_id = (r.get("pdb_id") or "").strip()
+    if not pdb_id:
+        raise EntryError("", "empty pdb_id", row)
+    note = None
+    try:
+        target = _optional(r.get("affinity"), float, "affinity", pdb_id, row)
+    except EntryError as e:
+        if labelled:
+            raise
+        target, note = None, f"{e.reason} (predicted without label)"
+    if target is None and labelled:
+        raise EntryError(pdb_id, "no affinity value", row)
+    entry = Entry(pdb_id=pdb_id, target=target, row=row, structure=Path(), chains=_names(r.get("chain")),
+                  ligands=_names(r.get("ligand")), year=_optional(r.get("year"), int, "year", pdb_id, row),
+                  resolution=_optional(r.get("resolution"), float, "resolution", pdb_id, row),
+                  meta={k: v for k, v in r.items() if k not in known})
+    path = _find(structures, pdb_id, STRUCTURE_SUFFIXES)
+    if path is None:
+        raise EntryError(pdb_id, f"no structure file {pdb_id}{{.cif,.pdb}}[.gz] in {structures_dir}", row)
+    entry.structure = path
+    if features is not None:
+        entry.features = _find(features, pdb_id, FEATURE_SUFFIXES)
+        if entry.features is None:
+            raise EntryError(pdb_id, f"no precomputed features {pdb_id}.pkl|.npz in {features_dir}", row, path)
+    return entry, note
+
+
+def read_entries(csv_path: Optional[PathLike], structures_dir: PathLike, features_dir: Optional[PathLike] = None,
+                 *, labelled: bool = True) -> tuple[list[Entry], list[BadEntry]]:
+    """The usable entries of a CSV (`pdb_id`, `affinity`, optional `year`, `resolution`,
+    `chain`, `ligand`, other columns kept in `Entry.meta`) with their structure (and feature)
+    files, and the bad ones. `labelled=False` (prediction): `affinity` is optional (an entry
+    without one has `target` None) and `csv_path` None means every structure of the folder.
+    Structures are not parsed here (`build_example` does)."""
+    if csv_path is None:
+        if labelled:
+            raise ValueError("read_entries: labelled entries need a CSV")
+        rows = [{"pdb_id": n} for n in structure_ids(structures_dir)]
+    else:
+        rows = _read_csv(Path(csv_path), ("pdb_id", "affinity") if labelled else ("pdb_id",))
+    structures = _index_dir(structures_dir)
+    features = _index_dir(features_dir) if features_dir is not None else None
+    entries, bad, seen = [], [], {}
+    for row, r in enumerate(rows, start=2):
+        try:
+            entry, note = _entry(r, row, labelled, structures, structures_dir, features, features_dir)
+            key = (entry.pdb_id.lower(), entry.chains)
+            if key in seen:
+                raise EntryError(entry.pdb_id, f"duplicate entry (first at row {seen[key]})", row)
+            seen[key] = row
+        except EntryError as e:
+            bad.append(BadEntry(row, e.pdb_id, _path_str(e.path), e.reason))
+            continue
+        if note is not None:
+            bad.append(BadEntry(row, entry.pdb_id, str(entry.structure), note))
+        entries.append(entry)
+    return entries, bad
+
+
+def _path_str(path: Optional[PathLike]) -> Optional[str]:
+    return None if path is None else str(path)
+
+
+def example_depths(config: DatasetConfig, precomputed: bool) -> tuple[int, int, int]:
+    """The (MSA rows, extra-MSA rows, templates) every example is padded to: the feature
+    config's with precomputed features, else 1 row each."""
+    fc = config.features
+    return (fc.max_msa_clusters, max(fc.max_extra_msa, 1), fc.max_templates) if precomputed else (1, 1, 1)
+
+
+def _bad_reason(e: Exception) -> str:
+    """A bad entry's reason, whatever went wrong."""
+    if isinstance(e, (StructureError, EntryError)):
+        return e.reason
+    return str(e) if isinstance(e, DataError) else f"unexpected {type(e).__name__}: {e}"
+
+
+def build_examples(entries: Sequence[Entry], config: DatasetConfig,
+                   depths: tuple[int, int, int]) -> tuple[list[Entry], list[Example], list[BadEntry]]:
+    """(kept entries, their examples, bad ones): `build_example` of each entry; an entry that
+    fails, whatever went wrong, is a bad entry and does not stop the others."""
+    kept, examples, bad = [], [], []
+    for entry in entries:
+        try:
+            example = build_example(entry, config, depths)
+        except Exception as e:  # noqa: BLE001 -- see the docstring
+            where = getattr(e, "path", None) or entry.structure
+            bad.append(BadEntry(entry.row, entry.pdb_id, _path_str(where), _bad_reason(e)))
+            continue
+        kept.append(entry)
+        examples.append(example)
+    return kept, examples, bad
 
 
 def _bad_table(bad: Sequence[BadEntry], title: str) -> Table:
@@ -204,60 +314,18 @@ class AffinityDataset:
         """
         cfg = dataclasses.replace(config or DatasetConfig(), **config_overrides)
         csv_path = Path(csv_path)
-        rows = _read_csv(csv_path)
-        structures = _index_dir(structures_dir)
-        features = _index_dir(features_dir)
-        fc = cfg.features
-        depths = (fc.max_msa_clusters, max(fc.max_extra_msa, 1), fc.max_templates) if features_dir else (1, 1, 1)
-        known = {"pdb_id", "affinity", "year", "resolution", "chain", "ligand"}
-
-        entries, examples, bad, seen = [], [], [], {}
-        for row, r in enumerate(rows, start=2):
-            pdb_id = (r.get("pdb_id") or "").strip()
-            path = None
-            try:
-                if not pdb_id:
-                    raise EntryError("", "empty pdb_id", row)
-                target = _optional(r.get("affinity"), float, "affinity", pdb_id, row)
-                if target is None:
-                    raise EntryError(pdb_id, "no affinity value", row)
-                entry = Entry(pdb_id=pdb_id, target=target, row=row, structure=Path(), chains=_names(r.get("chain")),
-                              ligands=_names(r.get("ligand")), year=_optional(r.get("year"), int, "year", pdb_id, row),
-                              resolution=_optional(r.get("resolution"), float, "resolution", pdb_id, row),
-                              meta={k: v for k, v in r.items() if k not in known})
-                key = (pdb_id.lower(), entry.chains)
-                if key in seen:
-                    raise EntryError(pdb_id, f"duplicate entry (first at row {seen[key]})", row)
-                seen[key] = row
-                path = _find(structures, pdb_id, STRUCTURE_SUFFIXES)
-                if path is None:
-                    raise EntryError(pdb_id, f"no structure file {pdb_id}{{.cif,.pdb}}[.gz] in {structures_dir}", row)
-                entry.structure = path
-                if features_dir is not None:
-                    entry.features = _find(features, pdb_id, FEATURE_SUFFIXES)
-                    if entry.features is None:
-                        raise EntryError(pdb_id, f"no precomputed features {pdb_id}.pkl|.npz in {features_dir}",
-                                         row, path)
-                example = build_example(entry, cfg, depths)
-            except Exception as e:  # a bad entry, whatever went wrong, must not stop the others
-                if isinstance(e, (StructureError, EntryError)):
-                    reason = e.reason
-                else:
-                    reason = str(e) if isinstance(e, DataError) else f"unexpected {type(e).__name__}: {e}"
-                where = getattr(e, "path", None) or path
-                bad.append(BadEntry(row, pdb_id, None if where is None else str(where), reason))
-                continue
-            entries.append(entry)
-            examples.append(example)
-
-        ds = cls(entries, cfg, None if lazy else examples, bad, depths)
-        if bad and report:
-            Console(stderr=True).print(_bad_table(bad, f"{csv_path.name}: {len(bad)} bad of {len(rows)} entries "
-                                                        f"(left out)"))
-        if not entries or (strict and bad):
+        depths = example_depths(cfg, features_dir is not None)
+        entries, bad = read_entries(csv_path, structures_dir, features_dir)
+        n_rows = len(entries) + len(bad)
+        entries, examples, failed = build_examples(entries, cfg, depths)
+        bad = sorted(bad + failed, key=lambda b: b.row or 0)
+        if not entries or (strict and bad):  # the error carries the table: print it once
             why = "no usable entry" if not entries else f"{len(bad)} bad entries (strict mode)"
             raise DataError(f"{csv_path}: {why}\n" + render_bad_entries(bad))
-        return ds
+        if bad and report:
+            Console(stderr=True).print(_bad_table(bad, f"{csv_path.name}: {len(bad)} bad of {n_rows} entries "
+                                                        f"(left out)"))
+        return cls(entries, cfg, None if lazy else examples, bad, depths)
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -357,5 +425,5 @@ def build_example(entry: Entry, config: DatasetConfig, depths: tuple[int, int, i
         bucket = largest
     entry.bucket = bucket
     feats = pad_features(feats, bucket, *depths)
-    feats["target"] = np.float32(entry.target)
+    feats["target"] = np.float32(0.0 if entry.target is None else entry.target)
     return feats

@@ -85,6 +85,11 @@ def count_steps(examples: Sequence[Example], batch_size: int, accumulation_steps
     return steps_per_epoch([math.ceil(n / batch_size) for n in sizes.values()], accumulation_steps)
 
 
+def target_norm(examples: Sequence[Example], normalize: bool = True) -> TargetNorm:
+    """The target normalisation of a train split: its mean / std (`normalize`), else identity."""
+    return TargetNorm.fit([float(np.asarray(e["target"])) for e in examples]) if normalize else TargetNorm()
+
+
 def _normalized(examples: Sequence[Example], norm: TargetNorm) -> list[dict]:
     return [{**e, "target": np.float32(norm.normalize(float(np.asarray(e["target"]))))} for e in examples]
 
@@ -153,6 +158,7 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
         trunk_dropout: bool = False, mesh: Optional[Mesh] = None, progress: Optional[bool] = None,
         log: Optional[Callable[[str], None]] = None,
         on_epoch_end: Optional[Callable[[int, dict, dict, bool], None]] = None,
+        on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
         state: Optional[dict] = None, history: Optional[list[dict]] = None) -> FitResult:
     """Fine-tune `variables` ({'trunk', 'head', 'lora'}, e.g. `AffinityModel.init_variables`)
     on `train` with `strategy`; validate on `val` each epoch (with the EMA params when EMA is on).
@@ -162,7 +168,8 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
     trains and the trunk runs deterministically) computes the trunk outputs once and trains the
     head on them. Early stopping watches the val loss (the train loss without `val`) with
     `strategy.early_stopping_patience` (0 = off). `on_epoch_end(epoch, row, state, is_best)` runs
-    after each epoch (e.g. checkpointing; 1-based epoch). To resume, pass the restored `state`
+    after each epoch (e.g. checkpointing; 1-based epoch), `on_step(step, {'loss', 'lr',
+    'grad_norm'})` after each optimizer step (e.g. a tracker; `lr` of the primary label). To resume, pass the restored `state`
     and the `history` so far: training continues at epoch len(history) + 1.
     """
     if not train:
@@ -172,8 +179,7 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
         raise ValueError(f"batch_size={batch_size} must be a multiple of the number of devices ({mesh.size})")
     model = AffinityModel(with_dtype(model_config, strategy.compute_dtype), head_config, trunk_dropout)
     plan = strategy.plan(variables, head_source=head_config.source)
-    if norm is None:
-        norm = TargetNorm.fit([float(np.asarray(e["target"])) for e in train]) if normalize_targets else TargetNorm()
+    norm = norm if norm is not None else target_norm(train, normalize_targets)
     train_n, val_n = _normalized(train, norm), _normalized(val or [], norm)
     k = strategy.accumulation_steps
     total_steps = epochs * count_steps(train_n, batch_size, k)
@@ -214,6 +220,10 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
                 w = float(m["weight"])
                 loss_sum, weight_sum = loss_sum + float(m["loss"]) * w, weight_sum + w
                 bar.advance(float(m["loss"]))
+                if on_step is not None:
+                    done = int(state["step"])
+                    on_step(done, {"loss": float(m["loss"]), "lr": float(lr_fn(done - 1)),
+                                   "grad_norm": float(m["grad_norm"])})
             step = int(state["step"])
             row: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(weight_sum, 1.0),
                                    "val_loss": None, "lr": float(lr_fn(step - 1))}

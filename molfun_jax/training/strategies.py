@@ -1,4 +1,4 @@
-"""Fine-tuning strategies as data (DESIGN.md section 8).
+"""Fine-tuning strategies as data (docs/architecture.md, "Strategies").
 
 The model's variables are one plain pytree
 
@@ -32,15 +32,21 @@ scales or other 1-D leaves --, the label's schedule), behind a global-norm clip.
   alone would only shrink them), as does the structure module when the head reads the
   Evoformer's single representation (the default).
 
-Head LR defaults to 10x the trunk / LoRA LR (`lr_head=None`): LoRA 1e-4 -> 1e-3 (the seed's
-value), Partial 1e-5 -> 1e-4 and Full 1e-5 -> 1e-4 (the seed used 1e-3 there; we follow the 10x
-rule). HeadOnly trains only the head, at `lr` (1e-3).
+Head LR defaults to 10x the trunk / LoRA LR (`lr_head=None`): LoRA 1e-4 -> 1e-3 (the value of
+Molfun, the PyTorch original), Partial 1e-5 -> 1e-4 and Full 1e-5 -> 1e-4 (Molfun used 1e-3 there;
+we follow the 10x rule). HeadOnly trains only the head, at `lr` (1e-3).
+
+A strategy class describes itself, and the CLI and the API read that: `name`, `lr_field` (the
+field `--lr` sets), `structural` (fields that change which parameters exist or train, checked on
+load and resume), `options` (its own CLI flags), `describe()` (the one-line detail), and its
+validation in `__post_init__` (`StrategyError` names the field). `register_strategy` adds a new
+class to `STRATEGIES`, after which `--strategy NAME`, `strategy_from_dict` and checkpoints know it.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +67,32 @@ DECAYED_LEAVES = ("kernel",) + TRAINED_LEAVES  # AdamW weight decay only on matr
 BLOCKS: Path = ("trunk", "evoformer", "blocks")
 
 
+class StrategyError(ValueError):
+    """An invalid strategy field: `field` and `why` (the CLI turns `field` into its flag)."""
+
+    def __init__(self, field: str, why: str) -> None:
+        self.field, self.why = field, why
+        super().__init__(f"{field} {why}")
+
+
+def _check(ok: bool, field: str, why: str) -> None:
+    if not ok:
+        raise StrategyError(field, why)
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A strategy's own CLI flag `--{flag}` that sets its field `field` (default: the field's)."""
+    flag: str
+    field: str
+    type: Callable[[str], Any]
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag.replace("-", "_")
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """How a trainable leaf is optimised: its label and, for leaves on the Evoformer block axis,
@@ -71,8 +103,11 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Strategy:
-    """Options shared by every strategy (defaults = the seed's)."""
+    """Options shared by every strategy (defaults = those of Molfun, the PyTorch original)."""
     name: ClassVar[str] = ""
+    lr_field: ClassVar[str] = "lr"  # the field `--lr` sets
+    structural: ClassVar[tuple[str, ...]] = ()  # fields beyond `name` checked on load / resume
+    options: ClassVar[tuple[Option, ...]] = ()  # the strategy's own CLI flags
     warmup_steps: int = 0
     scheduler: str = "cosine"
     min_lr_ratio: float = 0.0
@@ -84,20 +119,34 @@ class Strategy:
     weight_decay: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={self.scheduler!r}; choose one of {SCHEDULERS}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
-        if self.accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be >= 1, got {self.accumulation_steps}")
-        if self.warmup_steps < 0 or self.early_stopping_patience < 0 or self.grad_clip < 0 \
-                or self.weight_decay < 0:
-            raise ValueError("warmup_steps, early_stopping_patience, grad_clip and weight_decay must be >= 0")
+        _check(self.scheduler in SCHEDULERS, "scheduler", f"must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(0.0 <= self.ema_decay < 1.0, "ema_decay",
+               f"is an EMA decay in [0, 1) (0 = off, e.g. 0.999), got {self.ema_decay}")
+        _check(self.accumulation_steps >= 1, "accumulation_steps", f"must be >= 1, got {self.accumulation_steps}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.early_stopping_patience >= 0, "early_stopping_patience",
+               f"must be >= 0 (0 = off), got {self.early_stopping_patience}")
+        _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         for k, v in dataclasses.asdict(self).items():
-            if (k.startswith("lr") and v is not None and not v > 0):
-                raise ValueError(f"{type(self).__name__}.{k} must be > 0, got {v}")
+            _check(not k.startswith("lr") or v is None or v > 0, k, f"must be > 0, got {v}")
+
+    @classmethod
+    def structural_fields(cls) -> tuple[str, ...]:
+        """The fields that change which parameters exist / are trained (checked on load and resume)."""
+        return ("name",) + cls.structural
+
+    @classmethod
+    def default_lr(cls) -> float:
+        return next(f.default for f in dataclasses.fields(cls) if f.name == cls.lr_field)
+
+    def describe(self) -> str:
+        """What the strategy trains, in a few words beyond its name ('' = nothing to add)."""
+        return ""
+
+    def check_blocks(self, no_blocks: int) -> None:
+        """Refuse settings that do not fit an Evoformer of `no_blocks` blocks (StrategyError)."""
 
     # --- what each strategy defines -------------------------------------------------------
     def rule(self, path: Path, no_blocks: int, head_source: str) -> Optional[Rule]:
@@ -165,6 +214,10 @@ class HeadOnly(Strategy):
 class LoRA(Strategy):
     """Low-rank adapters on the trunk's attention projections + the head."""
     name: ClassVar[str] = "lora"
+    lr_field: ClassVar[str] = "lr_lora"
+    structural: ClassVar[tuple[str, ...]] = ("rank", "alpha", "target_modules", "stacks")
+    options: ClassVar[tuple[Option, ...]] = (
+        Option("lora-rank", "rank", int, "LoRA rank, on q and v of the Evoformer (default 8)"),)
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -177,7 +230,11 @@ class LoRA(Strategy):
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         object.__setattr__(self, "stacks", tuple(self.stacks))
         super().__post_init__()
-        self.lora_config()  # validates
+        _check(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
+        self.lora_config()  # validates the rest
+
+    def describe(self) -> str:
+        return f"rank {self.rank}, {', '.join(self.target_modules)}"
 
     def lora_config(self) -> LoRAConfig:
         return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
@@ -197,6 +254,11 @@ class Partial(Strategy):
     """Unfreeze the last N Evoformer blocks (+ `evoformer/linear`, optionally the structure
     module) and train them with the head."""
     name: ClassVar[str] = "partial"
+    lr_field: ClassVar[str] = "lr_trunk"
+    structural: ClassVar[tuple[str, ...]] = ("unfreeze_last_n", "unfreeze_structure_module")
+    options: ClassVar[tuple[Option, ...]] = (
+        Option("unfreeze-blocks", "unfreeze_last_n", int,
+               "partial: the last N Evoformer blocks are trained (default 4)"),)
     unfreeze_last_n: int = 4
     unfreeze_structure_module: bool = False
     lr_trunk: float = 1e-5
@@ -204,12 +266,18 @@ class Partial(Strategy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.unfreeze_last_n < 0:
-            raise ValueError(f"unfreeze_last_n must be >= 0, got {self.unfreeze_last_n}")
+        _check(self.unfreeze_last_n >= 1 or self.unfreeze_structure_module, "unfreeze_last_n",
+               f"must be >= 1, got {self.unfreeze_last_n}")
+
+    def describe(self) -> str:
+        return f"last {self.unfreeze_last_n} Evoformer blocks"
+
+    def check_blocks(self, no_blocks: int) -> None:
+        _check(self.unfreeze_last_n <= no_blocks, "unfreeze_last_n",
+               f"{self.unfreeze_last_n}: the Evoformer has {no_blocks} blocks")
 
     def rule(self, path: Path, no_blocks: int, head_source: str) -> Optional[Rule]:
-        if self.unfreeze_last_n > no_blocks:
-            raise ValueError(f"unfreeze_last_n={self.unfreeze_last_n} but the Evoformer has {no_blocks} blocks")
+        self.check_blocks(no_blocks)
         if self.unfreeze_structure_module and head_source != "structure_module":
             raise ValueError("unfreeze_structure_module=True needs a head that reads the structure module "
                              "(HeadConfig(source='structure_module')): with source='evoformer' it gets no gradient")
@@ -238,8 +306,10 @@ class Full(Strategy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.layer_lr_decay <= 1.0:
-            raise ValueError(f"layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
+        _check(0.0 < self.layer_lr_decay <= 1.0, "layer_lr_decay", f"must be in (0, 1], got {self.layer_lr_decay}")
+
+    def describe(self) -> str:
+        return f"layer LR decay {self.layer_lr_decay}"
 
     def rule(self, path: Path, no_blocks: int, head_source: str) -> Optional[Rule]:
         if path[0] != "trunk":
@@ -265,7 +335,27 @@ class Full(Strategy):
         return layer_decay_factors(no_blocks, self.layer_lr_decay) if label == "blocks" else None
 
 
-STRATEGIES: dict[str, type[Strategy]] = {c.name: c for c in (HeadOnly, LoRA, Partial, Full)}
+S = TypeVar("S", bound=type[Strategy])
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: S) -> S:
+    """Class decorator: make a Strategy subclass known by its `name` (CLI `--strategy`,
+    `strategy_from_dict`, checkpoints). A name already taken by another class is an error."""
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)) or not cls.name:
+        raise TypeError(f"{cls!r} is not a Strategy subclass with a `name`")
+    if STRATEGIES.get(cls.name, cls) is not cls:
+        raise ValueError(f"strategy name {cls.name!r} is taken by {STRATEGIES[cls.name].__qualname__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    missing = [f for f in (cls.lr_field, *cls.structural, *(o.field for o in cls.options)) if f not in fields]
+    if missing:
+        raise TypeError(f"{cls.__qualname__} names fields it does not have: {missing}")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+for _cls in (HeadOnly, LoRA, Partial, Full):
+    register_strategy(_cls)
 
 
 def strategy_from_dict(d: Mapping[str, Any]) -> Strategy:
