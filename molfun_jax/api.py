@@ -37,8 +37,9 @@ from molfun_jax import lora as lora_lib
 from molfun_jax.config import config_from_dict, config_to_dict, model_config
 from molfun_jax.heads.affinity import HeadConfig, TargetNorm
 from molfun_jax.model import AlphaFold, dummy_features
-from molfun_jax.training import (AffinityModel, HeadOnly, LoRA, Strategy, count_steps, data_mesh, eval_params,
-                                 fit, init_state, make_predict_step, predict_all, strategy_from_dict, with_dtype)
+from molfun_jax.training import (MAX_SKIPPED_STEPS, AffinityModel, HeadOnly, LoRA, Strategy, check_finite_examples, count_steps,
+                                 data_mesh, eval_params, fit, init_state, make_predict_step, predict_all,
+                                 strategy_from_dict, with_dtype)
 
 # strategy fields that change which parameters exist / are trained (checked on load and resume)
 _STRUCTURAL = ("name", "rank", "alpha", "target_modules", "stacks", "unfreeze_last_n", "unfreeze_structure_module")
@@ -232,7 +233,8 @@ class MolfunStructureModel:
     def fit(self, train: Sequence[Example], val: Optional[Sequence[Example]] = None, *, epochs: int = 10,
             batch_size: int = 2, output: Optional[str | Path] = None, keep: int = 3, resume: bool = False,
             normalize_targets: bool = True, progress: Optional[bool] = None,
-            on_epoch_end: Optional[Callable[[dict, "MolfunStructureModel"], None]] = None) -> list[dict]:
+            on_epoch_end: Optional[Callable[[dict, "MolfunStructureModel"], None]] = None,
+            max_skipped_steps: int = MAX_SKIPPED_STEPS) -> list[dict]:
         """Fine-tune on `train`, validating on `val` each epoch; returns the history (one dict
         per epoch: train_loss, val_loss, val_rmse/mae/pearson/spearman, lr, ...).
 
@@ -244,6 +246,8 @@ class MolfunStructureModel:
         """
         if self._merged is not None:
             raise RuntimeError("the model is merged (inference only): unmerge() before fit()")
+        check_finite_examples(train, "train")
+        check_finite_examples(val or [], "val")
         runs = ckpt.RunCheckpointer(output, keep) if output is not None else None
         state = history = norm = None
         if resume:
@@ -276,7 +280,7 @@ class MolfunStructureModel:
         self.norm = norm
         result = fit(self.config, self.strategy, self.variables, train, val, head_config=self.head_config,
                      epochs=epochs, batch_size=batch_size, seed=self.seed, norm=norm, progress=progress,
-                     on_epoch_end=epoch_end, state=state, history=history)
+                     on_epoch_end=epoch_end, state=state, history=history, max_skipped_steps=max_skipped_steps)
         self.history = rows
         self.best_epoch = best["epoch"]
         if runs is not None:
@@ -324,6 +328,7 @@ class MolfunStructureModel:
         """Predicted affinities (original units) of `examples`, in order."""
         if not examples:
             return np.zeros((0,), np.float64)
+        check_finite_examples(examples)
         step, trainable, frozen, mesh = self._predictor()
         exs = [e if "target" in e else {**e, "target": np.float32(0.0)} for e in examples]
         p, _ = predict_all(step, trainable, frozen, exs, batch_size, mesh)
