@@ -293,19 +293,14 @@ class MolfunStructureModel:
 
     def _restore_run(self, runs: ckpt.RunCheckpointer, train: Sequence[Example], epochs: int,
                      batch_size: int) -> tuple[dict, list, TargetNorm]:
-        epoch = runs.latest_epoch()
-        if epoch is None:
-            raise ckpt.CheckpointError(f"{runs.run_dir}: no epoch checkpoint to resume from")
-        path = runs.last.directory / str(epoch)
-        meta = ckpt.restore(path, items=("meta",))["meta"]
-        self.check_checkpoint(meta, str(path))
         plan = self.strategy.plan(self.variables, self.head_config.source)
         tx = plan.optimizer(epochs * count_steps(train, batch_size, self.strategy.accumulation_steps))
         abstract = jax.eval_shape(lambda v: init_state(plan, v, tx, jax.random.PRNGKey(0),
                                                        self.strategy.ema_decay)[0], self.variables)
-        got = ckpt.restore(path, {"trainable": abstract["trainable"], "ema": abstract.get("ema"),
-                                  "opt_state": {k: abstract[k] for k in ("opt_state", "step", "rng")}},
-                           items=("trainable", "ema", "opt_state", "trainer"))
+        _, got = runs.restore_intact({"trainable": abstract["trainable"], "ema": abstract.get("ema"),
+                                      "opt_state": {k: abstract[k] for k in ("opt_state", "step", "rng")}},
+                                     items=("trainable", "ema", "opt_state", "trainer"),
+                                     check=lambda meta, path: self.check_checkpoint(meta, str(path)))
         state = {"trainable": got["trainable"], **got["opt_state"]}
         if "ema" in got:
             state["ema"] = got["ema"]
@@ -377,14 +372,7 @@ class MolfunStructureModel:
         epoch = max(self.best_epoch, 0)
         trainer = {"epoch": epoch, "history": self.history, "best_epoch": self.best_epoch,
                    "norm": self.norm.to_dict()}
-        runs = ckpt._manager(Path(path), keep=1)
-        try:
-            runs.save(epoch, args=ckpt._save_args({"trainable": self._trainable(), "meta": self.meta(),
-                                                   "trainer": trainer}), force=True)
-            runs.wait_until_finished()
-        finally:
-            runs.close()
-        return Path(path).absolute() / str(epoch)
+        return ckpt.save_model(path, epoch, trainable=self._trainable(), meta=self.meta(), trainer=trainer)
 
     def _load_trainable(self, path: Path, trainer_state: bool = True) -> None:
         """Put a checkpoint's trained params into the variables (and, with `trainer_state`, its
