@@ -92,16 +92,29 @@ def one_line_error(fn, path: Path, reason: str) -> str:
     return msg
 
 
-@pytest.mark.parametrize("kind", sorted(DAMAGE))
-def test_resume_falls_back_to_newest_intact_checkpoint(kind, run, tmp_path, fast_weights, chain_examples, caplog):
-    src, ref_history, _ = run
+def damaged_copy(run, tmp_path: Path, kind: str) -> tuple[Path, Path, str]:
+    """(run copy, its damaged newest epoch folder, the expected reason)."""
     out = tmp_path / "run"
-    shutil.copytree(src, out)
+    shutil.copytree(run[0], out)
     newest = out / "checkpoints" / str(EPOCHS)
     damage, reason = DAMAGE[kind]
     damage(newest)
-    # named explicitly, the damaged checkpoint is refused in one line naming it
+    return out, newest, reason
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_damaged_checkpoint_named_explicitly_is_a_one_line_error(kind, run, tmp_path):
+    _, newest, reason = damaged_copy(run, tmp_path, kind)
     one_line_error(lambda: MolfunStructureModel.load(newest), newest, reason)
+    one_line_error(lambda: ckpt.read_meta(newest), newest, reason)
+
+
+# one resume in the default suite (~20 s each); every kind of damage with -m slow
+@pytest.mark.parametrize("kind", [k if k == "truncated_array" else pytest.param(k, marks=pytest.mark.slow)
+                                  for k in sorted(DAMAGE)])
+def test_resume_falls_back_to_newest_intact_checkpoint(kind, run, tmp_path, fast_weights, chain_examples, caplog):
+    src, ref_history, _ = run
+    out, newest, _ = damaged_copy(run, tmp_path, kind)
     # --resume falls back to epoch 2, says so, and epoch 3 comes out as in the uninterrupted run
     with caplog.at_level(logging.WARNING, logger="molfun_jax.checkpoint"):
         resumed = make_model(fast_weights)
