@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -125,9 +126,20 @@ def verify(folder: str | Path) -> None:
 
 
 def _manager(directory: Path, keep: int | None = None, create: bool = True) -> ocp.CheckpointManager:
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False,
-                                        cleanup_tmp_directories=create)
-    return ocp.CheckpointManager(Path(directory).absolute(), item_names=ITEMS, options=opts)
+    directory = Path(directory).absolute()
+    if create:
+        _remove_interrupted_writes(directory)
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory, item_names=ITEMS, options=opts)
+
+
+def _remove_interrupted_writes(directory: Path) -> None:
+    """Delete orbax's temporary folders of interrupted saves. (orbax's own
+    `cleanup_tmp_directories` runs in a thread that `close()` never joins: a short-lived process
+    then dies with "Event loop is closed" / "cannot schedule new futures after shutdown".)"""
+    if jax.process_index() == 0 and directory.is_dir():
+        for tmp in directory.glob(f"*{ocp.path.atomicity.TMP_DIR_SUFFIX}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _numpy(tree: Any) -> Any:

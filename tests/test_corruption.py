@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from molfun_jax import checkpoint as ckpt
 from molfun_jax.api import MolfunStructureModel
 from molfun_jax.pretrained import load_pretrained
 from molfun_jax.training import HeadOnly
+from tests.conftest import ROOT
 from tests.product_data import chain_examples, compile_cache, data_csv, fast_config, fast_weights  # noqa: F401
 
 EPOCHS = 3
@@ -166,3 +170,17 @@ def test_without_manifest_the_restore_still_catches_damage(run, tmp_path):
     (out / "1" / ckpt.MANIFEST).unlink()
     truncate(out / "1", "trainable")
     one_line_error(lambda: ckpt.restore(out / "1", items=("trainable",)), out / "1", "cannot restore trainable")
+
+
+def test_no_event_loop_noise_at_exit(run, tmp_path):
+    """A process that opens a run folder (with an interrupted write to clean up) and exits at once
+    prints nothing: orbax's background cleanup thread used to die at interpreter shutdown."""
+    out = tmp_path / "run"
+    shutil.copytree(run[0], out)
+    tmp = out / "checkpoints" / "4.orbax-checkpoint-tmp-99"
+    tmp.mkdir()
+    code = "import sys; from molfun_jax import checkpoint as c; c.RunCheckpointer(sys.argv[1]); sys.exit(0)"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr[-2000:]
+    assert not tmp.exists()
