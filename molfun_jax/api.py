@@ -37,9 +37,9 @@ from molfun_jax import lora as lora_lib
 from molfun_jax.config import config_from_dict, config_to_dict, model_config
 from molfun_jax.heads.affinity import HeadConfig, TargetNorm
 from molfun_jax.model import AlphaFold, dummy_features
-from molfun_jax.training import (MAX_SKIPPED_STEPS, AffinityModel, HeadOnly, LoRA, Strategy, check_finite_examples, count_steps,
-                                 data_mesh, eval_params, fit, init_state, make_predict_step, predict_all,
-                                 strategy_from_dict, with_dtype)
+from molfun_jax.training import (MAX_SKIPPED_STEPS, AffinityModel, HeadOnly, LoRA, Strategy, check_finite_examples,
+                                 count_steps, data_mesh, eval_params, fit, init_state, make_predict_step,
+                                 predict_all, strategy_from_dict, with_dtype)
 
 # strategy fields that change which parameters exist / are trained (checked on load and resume)
 _STRUCTURAL = ("name", "rank", "alpha", "target_modules", "stacks", "unfreeze_last_n", "unfreeze_structure_module")
@@ -242,7 +242,8 @@ class MolfunStructureModel:
         the best epoch's evaluated params under `output/best`; `resume=True` continues from the
         last one (same data, seed and settings give the same losses as an uninterrupted run).
         At the end the model holds the best epoch's params (EMA ones when EMA is on).
-        `on_epoch_end(row, model)` runs after each epoch's checkpoint.
+        `on_epoch_end(row, model)` runs after each epoch's checkpoint. Examples holding NaN / inf
+        are refused; `max_skipped_steps` non-finite train steps in a row stop the run.
         """
         if self._merged is not None:
             raise RuntimeError("the model is merged (inference only): unmerge() before fit()")

@@ -9,7 +9,8 @@ from tests.conftest import ROOT
 
 CASES = {
     "test_in_test.py": "import pytest\n\ndef test_x():\n    pytest.skip('fixture missing')\n",
-    "test_module_level.py": "import pytest\npytest.importorskip('no_such_reference_module')\n\ndef test_y():\n    pass\n",
+    "test_module_level.py": ("import pytest\npytest.importorskip('no_such_reference_module')\n\n"
+                             "def test_y():\n    pass\n"),
     "test_ok.py": "def test_z():\n    assert True\n",
 }
 
