@@ -32,9 +32,9 @@ from molfun_jax.config import config_from_dict, config_to_dict, model_config
 from molfun_jax.heads.affinity import HeadConfig, TargetNorm
 from molfun_jax.pretrained import count_params, load_base_weights, rebuild_base_weights, versions
 from molfun_jax.tracking import Tracker, epoch_metrics, step_metrics
-from molfun_jax.training import (AffinityModel, HeadOnly, LoRA, Strategy, count_steps, data_mesh, eval_params,
-                                 fit, init_state, make_predict_step, predict_all, strategy_from_dict, target_norm,
-                                 with_dtype)
+from molfun_jax.training import (MAX_SKIPPED_STEPS, AffinityModel, HeadOnly, LoRA, Strategy, check_finite_examples,
+                                 count_steps, data_mesh, eval_params, fit, init_state, make_predict_step,
+                                 predict_all, strategy_from_dict, target_norm, with_dtype)
 
 Example = Mapping[str, Any]
 
@@ -117,7 +117,7 @@ class MolfunStructureModel:
             batch_size: int = 2, output: Optional[str | Path] = None, keep: int = 3, resume: bool = False,
             normalize_targets: bool = True, progress: Optional[bool] = None,
             on_epoch_end: Optional[Callable[[dict, "MolfunStructureModel"], None]] = None,
-            tracker: Optional[Tracker] = None) -> list[dict]:
+            tracker: Optional[Tracker] = None, max_skipped_steps: int = MAX_SKIPPED_STEPS) -> list[dict]:
         """Fine-tune on `train`, validating on `val` each epoch; returns the history (one dict
         per epoch: train_loss, val_loss, val_rmse/mae/pearson/spearman, lr, ...).
 
@@ -127,10 +127,13 @@ class MolfunStructureModel:
         At the end the model holds the best epoch's params (EMA ones when EMA is on).
         `on_epoch_end(row, model)` runs after each epoch's checkpoint. `tracker`
         (`molfun_jax.tracking.make_tracker`) gets each step's loss / LR / grad norm and each
-        epoch's row; the caller closes it.
+        epoch's row; the caller closes it. Examples holding NaN / inf are refused;
+        `max_skipped_steps` non-finite train steps in a row stop the run.
         """
         if self._merged is not None:
             raise RuntimeError("the model is merged (inference only): unmerge() before fit()")
+        check_finite_examples(train, "train")
+        check_finite_examples(val or [], "val")
         runs = ckpt.RunCheckpointer(output, keep) if output is not None else None
         state = history = norm = None
         if resume:
@@ -166,7 +169,7 @@ class MolfunStructureModel:
         result = fit(self.config, self.strategy, self.variables, train, val, head_config=self.head_config,
                      epochs=epochs, batch_size=batch_size, seed=self.seed, norm=self.norm, progress=progress,
                      on_epoch_end=epoch_end, on_step=on_step if tracker is not None else None, state=state,
-                     history=history)
+                     history=history, max_skipped_steps=max_skipped_steps)
         self.history = rows
         self.best_epoch = best["epoch"]
         if runs is not None:
@@ -179,19 +182,14 @@ class MolfunStructureModel:
 
     def _restore_run(self, runs: ckpt.RunCheckpointer, train: Sequence[Example], epochs: int,
                      batch_size: int) -> tuple[dict, list, TargetNorm]:
-        epoch = runs.latest_epoch()
-        if epoch is None:
-            raise ckpt.CheckpointError(f"{runs.run_dir}: no epoch checkpoint to resume from")
-        path = runs.last.directory / str(epoch)
-        meta = ckpt.restore(path, items=("meta",))["meta"]
-        self.check_checkpoint(meta, str(path))
         plan = self.strategy.plan(self.variables, self.head_config.source)
         tx = plan.optimizer(epochs * count_steps(train, batch_size, self.strategy.accumulation_steps))
         abstract = jax.eval_shape(lambda v: init_state(plan, v, tx, jax.random.PRNGKey(0),
                                                        self.strategy.ema_decay)[0], self.variables)
-        got = ckpt.restore(path, {"trainable": abstract["trainable"], "ema": abstract.get("ema"),
-                                  "opt_state": {k: abstract[k] for k in ("opt_state", "step", "rng")}},
-                           items=("trainable", "ema", "opt_state", "trainer"))
+        _, got = runs.restore_intact({"trainable": abstract["trainable"], "ema": abstract.get("ema"),
+                                      "opt_state": {k: abstract[k] for k in ("opt_state", "step", "rng")}},
+                                     items=("trainable", "ema", "opt_state", "trainer"),
+                                     check=lambda meta, path: self.check_checkpoint(meta, str(path)))
         state = {"trainable": got["trainable"], **got["opt_state"]}
         if "ema" in got:
             state["ema"] = got["ema"]
@@ -213,6 +211,7 @@ class MolfunStructureModel:
         """Predicted affinities (original units) of `examples`, in order."""
         if not examples:
             return np.zeros((0,), np.float64)
+        check_finite_examples(examples)
         step, trainable, frozen, mesh = self._predictor()
         exs = [e if "target" in e else {**e, "target": np.float32(0.0)} for e in examples]
         p, _ = predict_all(step, trainable, frozen, exs, batch_size, mesh)

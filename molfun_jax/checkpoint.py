@@ -10,9 +10,13 @@ A run folder holds
                                  (the EMA ones when EMA is on), `meta` and `trainer`
 
 Each `<epoch>` folder is written by orbax to a temporary name and renamed when complete (atomic);
-an interrupted write is cleaned up on the next open. An export folder (`write_export`) holds a
-merged, inference-only model: `params` (the whole AlphaFold tree with LoRA folded in) and `head`
-(orbax) plus `meta.json`.
+an interrupted write is cleaned up on the next open. Then `molfun_sha256.json` records the size and
+sha256 of every file in it but the JSON items (`meta`, `trainer`, `meta.json`: those are checked by
+parsing them, and may be edited by hand); every reader verifies it (`verify`), and a file that
+fails, or a restore that fails, is a CheckpointError of one line naming the folder and the fault.
+`--resume` falls back to the newest intact epoch, moving damaged newer ones to `<run>/damaged/`.
+An export folder (`write_export`) holds a merged, inference-only model: `params` (the whole
+AlphaFold tree with LoRA folded in) and `head` (orbax) plus `meta.json` (and its manifest).
 
 `meta` records the model config, the preset, the strategy and its config, the head config, the
 target normalisation, the base weights and library versions. `check_compatible` compares it with
@@ -21,10 +25,12 @@ message that names the differences.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
@@ -39,17 +45,101 @@ _ARRAY_ITEMS = ("trainable", "ema", "opt_state")
 # meta keys that must agree between a checkpoint and the model it is loaded into
 COMPAT_KEYS = ("preset", "strategy", "model_config", "head", "lora")
 
+MANIFEST = "molfun_sha256.json"
+MANIFEST_FORMAT = "molfun_jax.manifest/1"
+# files checked by parsing rather than by checksum (JSON that users may edit by hand)
+_PARSED_FILES = ("meta/metadata", "trainer/metadata", "meta.json")
+
 logging.getLogger("absl").setLevel(logging.ERROR)  # orbax logs every save at WARNING/INFO
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the model."""
 
 
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, cut to `limit` characters (tensorstore errors
+    carry kilobytes of JSON spec)."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _checked_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST
+                  and f.relative_to(folder).as_posix() not in _PARSED_FILES)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a checkpoint / export / weights folder; damage is a one-line CheckpointError."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged: not readable JSON ({_one_line(e, 100)})") from None
+
+
+def read_arrays(folder: Path) -> Any:
+    """An orbax array tree (`params/`, `head/` of an export or a weights folder) as written."""
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return ckptr.restore(Path(folder).absolute())
+        except Exception as e:  # orbax / tensorstore raise many types for a damaged folder
+            raise CheckpointError(f"{folder}: cannot restore (damaged?): {_one_line(e)}") from None
+
+
+def write_manifest(folder: str | Path) -> Path:
+    """Record size and sha256 of a finished checkpoint / export folder's files (process 0)."""
+    folder = Path(folder)
+    if jax.process_index() == 0:
+        files = {f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)}
+                 for f in _checked_files(folder)}
+        write_json_atomic(folder / MANIFEST, {"format": MANIFEST_FORMAT, "files": files})
+    return folder / MANIFEST
+
+
+def verify(folder: str | Path) -> None:
+    """Raise CheckpointError naming the first file of `folder` that is missing or differs from
+    what was written. Folders without a manifest (older ones) are left to the restore's checks."""
+    folder = Path(folder)
+    mpath = folder / MANIFEST
+    if not mpath.is_file():
+        return
+    try:
+        files = json.loads(mpath.read_text())["files"]
+        sizes = {rel: int(f["size"]) for rel, f in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{folder}: damaged: {MANIFEST} is unreadable ({_one_line(e)})") from None
+    for rel, size in sizes.items():
+        f = folder / rel
+        if not f.is_file():
+            raise CheckpointError(f"{folder}: damaged: {rel} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{folder}: damaged: {rel} has {f.stat().st_size} bytes, "
+                                  f"{size} were written")
+        if _sha256(f) != files[rel]["sha256"]:
+            raise CheckpointError(f"{folder}: damaged: {rel} differs from what was written (sha256)")
+
+
 def _manager(directory: Path, keep: int | None = None, create: bool = True) -> ocp.CheckpointManager:
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False,
-                                        cleanup_tmp_directories=create)
-    return ocp.CheckpointManager(Path(directory).absolute(), item_names=ITEMS, options=opts)
+    directory = Path(directory).absolute()
+    if create:
+        _remove_interrupted_writes(directory)
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory, item_names=ITEMS, options=opts)
+
+
+def _remove_interrupted_writes(directory: Path) -> None:
+    """Delete orbax's temporary folders of interrupted saves. (orbax's own
+    `cleanup_tmp_directories` runs in a thread that `close()` never joins: a short-lived process
+    then dies with "Event loop is closed" / "cannot schedule new futures after shutdown".)"""
+    if jax.process_index() == 0 and directory.is_dir():
+        for tmp in directory.glob(f"*{ocp.path.atomicity.TMP_DIR_SUFFIX}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _numpy(tree: Any) -> Any:
@@ -81,33 +171,84 @@ class RunCheckpointer:
         self.last.save(epoch, args=_save_args({"trainable": trainable, "ema": ema, "opt_state": opt_state,
                                                "meta": dict(meta), "trainer": dict(trainer)}), force=True)
         self.last.wait_until_finished()
-        return self.last.directory / str(epoch)
+        return write_manifest(self.last.directory / str(epoch)).parent
 
     def save_best(self, epoch: int, *, params: Any, meta: Mapping, trainer: Mapping) -> Path:
         """The evaluated parameters (EMA ones when EMA is on) of the best epoch so far."""
         self.best.save(epoch, args=_save_args({"trainable": params, "meta": dict(meta),
                                                "trainer": dict(trainer)}), force=True)
         self.best.wait_until_finished()
-        return self.best.directory / str(epoch)
+        return write_manifest(self.best.directory / str(epoch)).parent
 
     def latest_epoch(self) -> int | None:
         return self.last.latest_step()
+
+    def restore_intact(self, abstract: Mapping[str, Any], items: Iterable[str],
+                       check: Callable[[dict, Path], None] = lambda meta, path: None) -> tuple[Path, dict[str, Any]]:
+        """(folder, items) of the newest epoch checkpoint that verifies and restores whole
+        (`abstract`, `items`: see `restore`). `check(meta, folder)` may refuse a checkpoint (an
+        incompatible model: raised as is). Damaged newer epochs (and best/ entries past the one
+        restored) are moved to `<run>/damaged/`, each with a warning."""
+        epochs = sorted((int(d.name) for d in self.last.directory.glob("*") if d.name.isdigit()), reverse=True)
+        if not epochs:
+            raise CheckpointError(f"{self.last.directory}: no epoch checkpoint to resume from")
+        damaged: list[Path] = []
+        for epoch in epochs:
+            path = self.last.directory / str(epoch)
+            try:
+                meta = read_meta(path)
+            except CheckpointError as e:
+                _fall_back(e, damaged, path)
+                continue
+            check(meta, path)
+            try:
+                got = restore(path, abstract, items)
+            except CheckpointError as e:
+                _fall_back(e, damaged, path)
+                continue
+            self._set_aside(damaged + [d for d in self.best.directory.glob("*") if d.name.isdigit()
+                                       and int(d.name) > epoch])
+            if damaged:
+                log.warning("resuming from %s (the newest intact checkpoint)", path)
+            return path, got
+        raise CheckpointError(f"{self.last.directory}: every epoch checkpoint is damaged "
+                              f"({', '.join(str(e) for e in epochs)}); nothing to resume from")
+
+    def _set_aside(self, folders: list[Path]) -> None:
+        if not folders:
+            return
+        if jax.process_index() == 0:
+            for f in folders:
+                dest = self.run_dir / "damaged" / f"{f.parent.name}-{f.name}"
+                n = 1
+                while dest.exists():
+                    dest, n = dest.with_name(f"{f.parent.name}-{f.name}.{n}"), n + 1
+                dest.parent.mkdir(exist_ok=True)
+                f.rename(dest)
+                log.warning("moved %s to %s", f, dest)
+        self.last.reload()
+        self.best.reload()
 
     def close(self) -> None:
         self.last.close()
         self.best.close()
 
 
+def _fall_back(error: CheckpointError, damaged: list[Path], path: Path) -> None:
+    log.warning("%s; falling back to an older checkpoint", error)
+    damaged.append(path)
+
+
 def save_checkpoint(directory: str | Path, epoch: int, items: Mapping[str, Any]) -> Path:
     """One checkpoint `<directory>/<epoch>` of `items` (names from ITEMS; None values are left
-    out), written atomically; e.g. `MolfunStructureModel.save`."""
+    out), written atomically with its manifest; e.g. `MolfunStructureModel.save`."""
     mgr = _manager(Path(directory), keep=1)
     try:
         mgr.save(epoch, args=_save_args(items), force=True)
         mgr.wait_until_finished()
     finally:
         mgr.close()
-    return Path(directory).absolute() / str(epoch)
+    return write_manifest(Path(directory).absolute() / str(epoch)).parent
 
 
 def locate(path: str | Path) -> Path:
@@ -134,14 +275,16 @@ def is_export(path: Path) -> bool:
 def read_meta(path: str | Path) -> dict:
     """meta of the checkpoint (or export) that `path` names (see `locate`)."""
     p = locate(path)
+    verify(p)
     if is_export(p):
-        meta = json.loads((p / "meta.json").read_text())
+        meta = read_json(p / "meta.json")
         fmt = EXPORT_FORMAT
     else:
         meta = restore(p, items=("meta",))["meta"]
         fmt = FORMAT
-    if meta.get("format") != fmt:
-        raise CheckpointError(f"{p}: unknown checkpoint format {meta.get('format')!r}, expected {fmt!r}")
+    got = meta.get("format") if isinstance(meta, dict) else None
+    if got != fmt:
+        raise CheckpointError(f"{p}: unknown checkpoint format {got!r}, expected {fmt!r}")
     return meta
 
 
@@ -171,8 +314,8 @@ def restore(path: str | Path, abstract: Mapping[str, Any] | None = None,
     mngr = _manager(p.parent, create=False)
     try:
         out = mngr.restore(int(p.name), args=ocp.args.Composite(**args))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{p}: cannot restore {', '.join(args)}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # orbax / tensorstore raise many types for a damaged folder
+        raise CheckpointError(f"{p}: cannot restore {', '.join(args)} (damaged?): {_one_line(e)}") from None
     finally:
         mngr.close()
     return {k: out[k] for k in args}
@@ -222,12 +365,11 @@ def write_export(out_dir: str | Path, params: Any, head: Any, meta: Mapping[str,
         ckptr.save(out / "params", _numpy(params), force=True)
         ckptr.save(out / "head", _numpy(head), force=True)
     write_json_atomic(out / "meta.json", {**meta, "format": EXPORT_FORMAT})
-    return out
+    return write_manifest(out).parent
 
 
 def read_export(path: str | Path) -> tuple[dict, dict, dict]:
     """(params, head, meta) of an export folder."""
     p = Path(path).absolute()
     meta = read_meta(p)
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(p / "params"), ckptr.restore(p / "head"), meta
+    return read_arrays(p / "params"), read_arrays(p / "head"), meta

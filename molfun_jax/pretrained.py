@@ -45,7 +45,9 @@ def save_pretrained(out_dir: str | Path, params: Mapping, preset: str, source: s
         ckptr.save(out / "params", jax.tree_util.tree_map(np.asarray, params), force=True)
     write_json_atomic(out / "meta.json", {"format": FORMAT, "preset": preset, "source": str(source),
                                           "num_params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))})
-    return out
+    from molfun_jax.checkpoint import write_manifest
+
+    return write_manifest(out).parent
 
 
 def load_pretrained(path: str | Path, config: mlc.ConfigDict | None = None) -> tuple[dict, mlc.ConfigDict]:
@@ -55,12 +57,14 @@ def load_pretrained(path: str | Path, config: mlc.ConfigDict | None = None) -> t
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path}: not a converted weights folder (no meta.json)")
-    meta = json.loads(meta_path.read_text())
+    from molfun_jax.checkpoint import read_arrays, read_json, verify
+
+    verify(path)  # sizes / sha256 of the files (a one-line CheckpointError when damaged)
+    meta = read_json(meta_path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
     config = config or model_config(meta["preset"])
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(path / "params")
+    params = read_arrays(path / "params")
     check_tree(params, param_shapes(config), what=f"{path} (preset {meta['preset']})")
     return params, config
 

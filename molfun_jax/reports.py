@@ -18,7 +18,7 @@ import numpy as np
 from molfun_jax.atomic import write_bytes_atomic, write_json_atomic
 
 METRIC_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "lr", "val_rmse", "val_mae", "val_pearson",
-                  "val_spearman", "epoch_time_s")
+                  "val_spearman", "epoch_time_s", "skipped_steps")
 
 
 def regression_metrics(y_true: Sequence[float], y_pred: Sequence[float]) -> dict[str, float]:
@@ -160,6 +160,6 @@ class StepProgress:
             self._progress.remove_task(self._task)
         self._task = self._progress.add_task(description, total=total, loss="-")
 
-    def advance(self, loss: float | None = None) -> None:
-        fields = {} if loss is None else {"loss": f"{loss:.4f}"}
+    def advance(self, loss: float | None = None, skipped: int = 0) -> None:
+        fields = {} if loss is None else {"loss": f"{loss:.4f}" + (f" ({skipped} skipped)" if skipped else "")}
         self._progress.update(self._task, advance=1, **fields)

@@ -37,3 +37,43 @@ def test_tiny_is_reduced_model_1_ptm():
     assert t.model.keys() == f.model.keys()
     with pytest.raises(ValueError, match="unknown preset 'model_9'"):
         model_config("model_9")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# OpenFold model keys we leave out, by their last name: memory / runtime switches (our `remat`,
+# `chunk_size` and XLA take their place) and one option that no preset turns on
+RUNTIME_ONLY = {"blocks_per_ckpt", "ckpt", "clear_cache_between_blocks", "tune_chunk_size", "offload_templates"}
+OFF_IN_EVERY_PRESET = {"average_templates": False}  # template pointwise attention, never averaging
+# globals: ours only (compute dtype, recycles: OpenFold's data.common.max_recycling_iters, remat)
+# and theirs only (LMA / flash attention kernels, CPU offloading: runtime choices)
+GLOBALS_OURS_ONLY = {"dtype", "num_recycles", "remat"}
+GLOBALS_THEIRS_ONLY = {"blocks_per_ckpt", "offload_inference", "use_flash", "use_lma"}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_model_keys_equal_openfold_both_ways(preset):
+    """Key by key against OpenFold's own ConfigDict (not through `from_openfold`, which drops the
+    keys we lack): every key of ours exists there with the same value, and every key of theirs
+    is ours or a named omission."""
+    ours, theirs = model_config(preset), of_config.model_config(preset)
+    o, t = _flat(ours.model.to_dict()), _flat(theirs.model.to_dict())
+    assert sorted(set(o) - set(t)) == []
+    assert {k: (o[k], t[k]) for k in o if o[k] != t[k]} == {}
+    omitted = {k: t[k] for k in set(t) - set(o)}
+    unexplained = [k for k in omitted if k.split(".")[-1] not in RUNTIME_ONLY | set(OFF_IN_EVERY_PRESET)]
+    assert unexplained == []
+    for k, v in omitted.items():
+        if k.split(".")[-1] in OFF_IN_EVERY_PRESET:
+            assert v == OFF_IN_EVERY_PRESET[k.split(".")[-1]], (k, v)
+    og, tg = ours.globals.to_dict(), theirs.globals.to_dict()
+    assert set(og) - set(tg) == GLOBALS_OURS_ONLY and set(tg) - set(og) == GLOBALS_THEIRS_ONLY
+    assert {k: (og[k], tg[k]) for k in set(og) & set(tg) if k != "chunk_size" and og[k] != tg[k]} == {}

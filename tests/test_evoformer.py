@@ -62,7 +62,7 @@ def test_msa_row_attention_with_pair_bias():
     want = ref(to_torch(m), z=to_torch(z), mask=to_torch(msa_mask))
     got = MSARowAttentionWithPairBias(C_M, 4, 3, c_z=C_Z, inf=1e9).apply(
         {"params": flax_params(ref)}, m, z=z, mask=msa_mask)
-    assert_parity("MSARowAttentionWithPairBias", got, want)
+    assert_parity("MSARowAttentionWithPairBias", got, want, mask=msa_mask)
 
 
 def test_msa_column_attention():
@@ -70,7 +70,7 @@ def test_msa_column_attention():
     ref = randomize_(of_msa.MSAColumnAttention(C_M, 4, 3, inf=1e9), 2)
     want = ref(to_torch(m), mask=to_torch(msa_mask))
     got = MSAColumnAttention(C_M, 4, 3, inf=1e9).apply({"params": flax_params(ref)}, m, mask=msa_mask)
-    assert_parity("MSAColumnAttention", got, want)
+    assert_parity("MSAColumnAttention", got, want, mask=msa_mask)
 
 
 def test_msa_column_global_attention():
@@ -79,7 +79,7 @@ def test_msa_column_global_attention():
     want = ref(to_torch(m), mask=to_torch(msa_mask))
     mod = MSAColumnGlobalAttention(C_M, 4, 3, inf=1e9, eps=1e-8)
     got = mod.apply({"params": flax_params(ref)}, m, mask=msa_mask)
-    assert_parity("MSAColumnGlobalAttention", got, want)
+    assert_parity("MSAColumnGlobalAttention", got, want, mask=msa_mask)
     chunked = mod.apply({"params": flax_params(ref)}, m, mask=msa_mask, chunk_size=3)
     np.testing.assert_allclose(chunked, got, rtol=0, atol=1e-6)
 
@@ -92,21 +92,21 @@ def test_msa_transition(masked):
     want = ref(to_torch(m), mask=None if mask is None else to_torch(mask))
     mod = MSATransition(C_M, 2)
     got = mod.apply({"params": flax_params(ref)}, m, mask=mask)
-    assert_parity(f"MSATransition(mask={masked})", got, want)
+    assert_parity(f"MSATransition(mask={masked})", got, want, mask=mask)
     chunked = mod.apply({"params": flax_params(ref)}, m, mask=mask, chunk_size=4)
     np.testing.assert_allclose(chunked, got, rtol=0, atol=1e-6)
 
 
 def test_outer_product_mean():
-    m, _, msa_mask, _ = inputs(5)
+    m, _, msa_mask, pair_mask = inputs(5)
     ref = randomize_(of_opm.OuterProductMean(C_M, C_Z, 5), 5)
     want = ref(to_torch(m), mask=to_torch(msa_mask))
     mod = OuterProductMean(C_M, C_Z, 5)
     got = mod.apply({"params": flax_params(ref)}, m, mask=msa_mask)
-    assert_parity("OuterProductMean", got, want)
+    assert_parity("OuterProductMean", got, want, mask=pair_mask)
     want_c = ref(to_torch(m), mask=to_torch(msa_mask), chunk_size=3)
     got_c = mod.apply({"params": flax_params(ref)}, m, mask=msa_mask, chunk_size=3)
-    assert_parity("OuterProductMean(chunk_size=3)", got_c, want_c)
+    assert_parity("OuterProductMean(chunk_size=3)", got_c, want_c, mask=pair_mask)
 
 
 @pytest.mark.parametrize("ours,theirs", [(TriangleMultiplicationOutgoing, of_tm.TriangleMultiplicationOutgoing),
@@ -116,7 +116,7 @@ def test_triangle_multiplication(ours, theirs):
     ref = randomize_(theirs(C_Z, 7), 6)
     want = ref(to_torch(z), mask=to_torch(pair_mask), inplace_safe=False)
     got = ours(C_Z, 7).apply({"params": flax_params(ref)}, z, mask=pair_mask)
-    assert_parity(ours.__name__, got, want)
+    assert_parity(ours.__name__, got, want, mask=pair_mask)
 
 
 @pytest.mark.parametrize("starting", [True, False])
@@ -126,7 +126,7 @@ def test_triangle_attention(starting):
     want = ref(to_torch(z), mask=to_torch(pair_mask))
     mod = TriangleAttention(C_Z, 4, 3, starting=starting, inf=1e9)
     got = mod.apply({"params": flax_params(ref)}, z, mask=pair_mask)
-    assert_parity(f"TriangleAttention(starting={starting})", got, want)
+    assert_parity(f"TriangleAttention(starting={starting})", got, want, mask=pair_mask)
     # chunked, with a leading (template-like) axis: the triangle bias is then broadcast on one batch axis only
     z2 = np.stack([z, z[::-1]])
     full = mod.apply({"params": flax_params(ref)}, z2, mask=pair_mask[None])
@@ -142,7 +142,7 @@ def test_pair_transition(masked):
     ref = randomize_(of_pt.PairTransition(C_Z, 3), 8)
     want = ref(to_torch(z), mask=None if mask is None else to_torch(mask))
     got = PairTransition(C_Z, 3).apply({"params": flax_params(ref)}, z, mask=mask)
-    assert_parity(f"PairTransition(mask={masked})", got, want)
+    assert_parity(f"PairTransition(mask={masked})", got, want, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +172,8 @@ def test_blocks(kind):
         want_m, want_z = _run_torch_block(ref, m, z, msa_mask, pair_mask)
     got_m, got_z = mod.apply({"params": flax_params(ref)}, m, z, msa_mask, pair_mask)
     name = type(mod).__name__
-    assert_parity(f"{name} m", got_m, want_m)
-    assert_parity(f"{name} z", got_z, want_z)
+    assert_parity(f"{name} m", got_m, want_m, mask=msa_mask)
+    assert_parity(f"{name} z", got_z, want_z, mask=pair_mask)
 
 
 def _stack_inputs(cfg: dict, seed: int):
@@ -188,8 +188,8 @@ def test_evoformer_stack():
         want = ref(to_torch(m), to_torch(z), msa_mask=to_torch(msa_mask), pair_mask=to_torch(pair_mask),
                    chunk_size=None, use_lma=False, inplace_safe=False, _mask_trans=False)
     got = EvoformerStack(**cfg).apply({"params": flax_params(ref)}, m, z, msa_mask, pair_mask)
-    for what, g, w in zip("mzs", got, want):
-        assert_parity(f"EvoformerStack(3 blocks) {what}", g, w)
+    for what, g, w, mask in zip("mzs", got, want, (msa_mask, pair_mask, msa_mask[0])):
+        assert_parity(f"EvoformerStack(3 blocks) {what}", g, w, mask=mask)
 
 
 def test_extra_msa_stack():
@@ -200,7 +200,7 @@ def test_extra_msa_stack():
         want = ref(to_torch(m), to_torch(z), msa_mask=to_torch(msa_mask), pair_mask=to_torch(pair_mask),
                    chunk_size=None, use_lma=False, inplace_safe=False, _mask_trans=False)
     got = ExtraMSAStack(**cfg).apply({"params": flax_params(ref)}, m, z, msa_mask, pair_mask)
-    assert_parity("ExtraMSAStack(2 blocks) z", got, want)
+    assert_parity("ExtraMSAStack(2 blocks) z", got, want, mask=pair_mask)
 
 
 def test_evoformer_block_gradients_match_torch_autograd():

@@ -1,4 +1,5 @@
-"""The whole AlphaFold model vs OpenFold end to end, on real structures' features."""
+"""The whole AlphaFold model vs OpenFold end to end, on real structures' features padded to a
+bucket (residues, MSA and extra-MSA rows) with a multi-row MSA and extra MSA; padding invariance."""
 from pathlib import Path
 
 import jax
@@ -47,6 +48,37 @@ def structure_features(name: str, **kw) -> dict:
     return {k: np.asarray(v) for k, v in make_features(parse_structure(path), **kw).items()}
 
 
+def padded_features(name: str, n_pad: int = 5, n_rows: int = 12, n_msa: int = 6, n_extra: int = 12,
+                    **kw) -> dict:
+    """A fixture chain's features with a synthetic MSA (the query + `n_rows - 1` rows with 30%
+    substitutions, gaps and X included, and random deletions): 4 cluster rows and the rest extra
+    MSA, then padded by `n_pad` residues and to `n_msa` / `n_extra` rows (masked rows)."""
+    from molfun_jax.data import pad_features
+    from molfun_jax.data.features import msa_features
+
+    feats = structure_features(name, **kw)
+    aatype = feats["aatype"]
+    rng = np.random.default_rng(0)
+    msa = np.repeat(aatype[None], n_rows, 0)
+    sub = rng.random(msa.shape) < 0.3
+    sub[0] = False
+    msa[sub] = rng.integers(0, 22, int(sub.sum()))
+    dele = np.where(rng.random(msa.shape) < 0.1, rng.integers(1, 5, msa.shape), 0).astype(np.float32)
+    dele[0] = 0.0
+    feats.update(msa_features(msa, dele, aatype, max_msa_clusters=4, max_extra_msa=n_rows))
+    return pad_features(feats, len(aatype) + n_pad, n_msa=n_msa, n_extra=n_extra)
+
+
+def valid_masks(feats: dict) -> dict:
+    """The valid positions of each compared output (padded residues / rows out)."""
+    seq = feats["seq_mask"]
+    pair = seq[:, None] * seq[None, :]
+    return {"single": seq, "pair": pair, "final_atom_positions": seq, "lddt_logits": seq, "plddt": seq,
+            "distogram_logits": pair, "masked_msa_logits": feats["msa_mask"],
+            "experimentally_resolved_logits": seq, "tm_logits": pair, "predicted_tm_score": None,
+            "predicted_aligned_error": pair}
+
+
 def to_openfold_batch(feats: dict, num_iters: int) -> dict:
     out = {}
     for k, v in feats.items():
@@ -67,8 +99,9 @@ def compare(cfg, feats, tag, rtol=1e-3, seed=0):
     keys = ["single", "pair", "final_atom_positions", *HEAD_KEYS]
     if cfg.model.heads.tm.enabled:
         keys += PTM_KEYS
+    masks = valid_masks(feats)
     for k in keys:
-        assert_parity(f"AlphaFold[{tag}] {k}", ours[k], ref[k], rtol=rtol)
+        assert_parity(f"AlphaFold[{tag}] {k}", ours[k], ref[k], rtol=rtol, mask=masks[k])
     return ours, ref
 
 
@@ -84,8 +117,30 @@ def test_tiny_model_matches_openfold(num_recycles, templates, extra_msa):
     cfg.globals.num_recycles = num_recycles
     cfg.model.template.enabled = templates
     cfg.model.extra_msa.enabled = extra_msa
-    feats = structure_features("3a4rA.pdb.gz")
+    feats = padded_features("3a4rA.pdb.gz")
     compare(cfg, feats, f"tiny r{num_recycles} templ={templates} extra={extra_msa}")
+
+
+def test_padding_to_a_larger_bucket_changes_nothing():
+    """The same example (templates, MSA, extra MSA, 1 recycle) in a larger bucket: more padded
+    residues, MSA and extra-MSA rows give the same outputs at the valid positions (<= 1e-5)."""
+    cfg = model_config("tiny")
+    cfg.globals.num_recycles = 1
+    small = padded_features("3a4rA.pdb.gz", n_pad=0, n_msa=4, n_extra=8)
+    n = len(small["aatype"])
+    big = padded_features("3a4rA.pdb.gz", n_pad=11, n_msa=7, n_extra=15)
+    params = AlphaFold(cfg).init(jax.random.PRNGKey(0), small)["params"]
+    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    run = jax.jit(lambda f: AlphaFold(cfg).apply({"params": params}, f))
+    a, b = run(small), run(big)
+    masks = valid_masks(small)
+    for k in ("single", "pair", "final_atom_positions", "plddt", "distogram_logits", "masked_msa_logits"):
+        got = np.asarray(b[k])
+        got = got[:4, :n] if k == "masked_msa_logits" else got[:n, :n] if k in ("pair", "distogram_logits") \
+            else got[:n]
+        err, rel = rel_error(got, np.asarray(a[k]), masks[k])
+        print(f"padding invariance {k}: max abs {err:.2e}, rel {rel:.2e}")
+        assert rel <= 1e-5, (k, err, rel)
 
 
 def test_recycling_compiles_once_whatever_the_count():
@@ -121,7 +176,7 @@ def test_bfloat16_compute_close_to_float32():
 def test_full_model_1_ptm_matches_openfold(num_recycles):
     cfg = model_config("model_1_ptm")
     cfg.globals.num_recycles = num_recycles
-    feats = structure_features("3a4rA.pdb.gz")
+    feats = padded_features("3a4rA.pdb.gz")
     compare(cfg, feats, f"model_1_ptm r{num_recycles}")
 
 
@@ -131,5 +186,5 @@ def test_full_model_1_ptm_without_templates_and_extra_msa():
     cfg.globals.num_recycles = 1
     cfg.model.template.enabled = False
     cfg.model.extra_msa.enabled = False
-    feats = structure_features("3a4rA.pdb.gz")
+    feats = padded_features("3a4rA.pdb.gz")
     compare(cfg, feats, "model_1_ptm r1 no templ/extra")

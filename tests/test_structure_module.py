@@ -47,6 +47,19 @@ def _of_rigid(rots: np.ndarray, trans: np.ndarray) -> OFRigid:
     return OFRigid(OFRotation(rot_mats=to_torch(rots)), to_torch(trans))
 
 
+def assert_frames_parity(what: str, ours, ref, mask=None) -> None:
+    """Frames as rotations and translations apart (a max over both mixes unitless rotation
+    entries with Angstrom translations): 4x4 matrices [*, 4, 4] or tensor_7 [*, 7] (quaternion,
+    translation)."""
+    ours, ref = np.asarray(ours), ref.detach().numpy() if hasattr(ref, "detach") else np.asarray(ref)
+    if ours.shape[-2:] == (4, 4):
+        parts = {"rotation": lambda x: x[..., :3, :3], "translation": lambda x: x[..., :3, 3]}
+    else:
+        parts = {"quaternion": lambda x: x[..., :4], "translation": lambda x: x[..., 4:]}
+    for name, part in parts.items():
+        assert_parity(f"{what} {name}", part(ours), part(ref), mask=mask)
+
+
 def test_rigid_ops_match_openfold():
     rng = np.random.default_rng(0)
     r1, t1 = _random_rigid(rng, (N,))
@@ -54,25 +67,25 @@ def test_rigid_ops_match_openfold():
     pts = rng.normal(size=(N, 3)).astype(np.float32) * 10
     a, b = Rigid(jnp.asarray(r1), jnp.asarray(t1)), Rigid(jnp.asarray(r2), jnp.asarray(t2))
     oa, ob = _of_rigid(r1, t1), _of_rigid(r2, t2)
-    assert_parity("Rigid.compose", a.compose(b).to_tensor_4x4(), oa.compose(ob).to_tensor_4x4())
+    assert_frames_parity("Rigid.compose", a.compose(b).to_tensor_4x4(), oa.compose(ob).to_tensor_4x4())
     assert_parity("Rigid.apply", a.apply(pts), oa.apply(to_torch(pts)))
     assert_parity("Rigid.invert_apply", a.invert_apply(pts), oa.invert_apply(to_torch(pts)))
-    assert_parity("Rigid.invert", a.invert().to_tensor_4x4(), oa.invert().to_tensor_4x4())
+    assert_frames_parity("Rigid.invert", a.invert().to_tensor_4x4(), oa.invert().to_tensor_4x4())
 
     # quaternion frames: identity, then two backbone updates (OpenFold's compose_q_update_vec)
     upd = rng.normal(size=(2, N, 6)).astype(np.float32)
     ours, ref = Rigid.identity((N,)), OFRigid.identity((N,), fmt="quat")
     for u in upd:
         ours, ref = ours.compose_q_update_vec(jnp.asarray(u)), ref.compose_q_update_vec(to_torch(u))
-    assert_parity("Rigid.compose_q_update_vec (to_tensor_7)", ours.scale_translation(10.0).to_tensor_7(),
-                  ref.scale_translation(10.0).to_tensor_7())
+    assert_frames_parity("Rigid.compose_q_update_vec (to_tensor_7)", ours.scale_translation(10.0).to_tensor_7(),
+                         ref.scale_translation(10.0).to_tensor_7())
     assert_parity("Rigid quaternion -> rotation", ours.rots, ref.get_rots().get_rot_mats())
 
     # frames from N, CA, C of (noisy) ideal backbones
     n_xyz, ca_xyz, c_xyz = (rng.normal(size=(N, 3)).astype(np.float32) * 3 for _ in range(3))
     ours = Rigid.make_transform_from_reference(jnp.asarray(n_xyz), jnp.asarray(ca_xyz), jnp.asarray(c_xyz))
     ref = OFRigid.make_transform_from_reference(to_torch(n_xyz), to_torch(ca_xyz), to_torch(c_xyz))
-    assert_parity("Rigid.make_transform_from_reference", ours.to_tensor_4x4(), ref.to_tensor_4x4())
+    assert_frames_parity("Rigid.make_transform_from_reference", ours.to_tensor_4x4(), ref.to_tensor_4x4())
 
 
 def test_torsion_angles_to_frames_and_atom_positions_match_openfold():
@@ -87,7 +100,7 @@ def test_torsion_angles_to_frames_and_atom_positions_match_openfold():
                                             rrgdf)
     ours = feats.torsion_angles_to_frames(Rigid(jnp.asarray(rots), jnp.asarray(trans)), jnp.asarray(alpha),
                                           jnp.asarray(aatype))
-    assert_parity("torsion_angles_to_frames", ours.to_tensor_4x4(), ref.to_tensor_4x4())
+    assert_frames_parity("torsion_angles_to_frames", ours.to_tensor_4x4(), ref.to_tensor_4x4())
 
     # random (not only torsion-generated) group frames
     g_rots, g_trans = _random_rigid(rng, (16, 8))
@@ -121,7 +134,7 @@ def test_invariant_point_attention_matches_openfold():
     want = ref(to_torch(s), to_torch(z), _of_rigid(rots, trans), to_torch(mask))
     mod = InvariantPointAttention(*args, inf=c["inf"], eps=c["epsilon"])
     got = mod.apply({"params": flax_params(ref)}, s, z, Rigid(jnp.asarray(rots), jnp.asarray(trans)), mask)
-    assert_parity("InvariantPointAttention", got, want)
+    assert_parity("InvariantPointAttention", got, want, mask=mask)
 
 
 def test_small_structure_module_parts_match_openfold():
@@ -165,8 +178,13 @@ def test_structure_module_matches_openfold(no_blocks):
     got = jax.jit(StructureModule(**c).apply)({"params": flax_params(ref)}, s, z, aatype, mask)
     assert set(got) == set(want)
     for k in sorted(want):
-        # 8 iterations (the real depth) stay within 1e-5 too: see the parity table
-        assert_parity(f"StructureModule[{no_blocks} blocks] {k}", got[k], want[k])
+        # 8 iterations (the real depth) stay within 1e-5 too: see the parity table. Valid residues
+        # only; per-iteration outputs are [no_blocks, N, ...]
+        valid = mask if k == "single" else mask[None]
+        if k in ("frames", "sidechain_frames"):
+            assert_frames_parity(f"StructureModule[{no_blocks} blocks] {k}", got[k], want[k], mask=valid)
+        else:
+            assert_parity(f"StructureModule[{no_blocks} blocks] {k}", got[k], want[k], mask=valid)
 
 
 def test_structure_module_gradient_matches_torch():
@@ -188,7 +206,7 @@ def test_structure_module_gradient_matches_torch():
     grad = jax.jit(jax.grad(lambda x: loss(mod.apply({"params": params}, x, z, aatype, mask), w, jnp.sum)))(s)
     assert np.all(np.isfinite(np.asarray(grad)))
     assert float(jnp.max(jnp.abs(grad))) > 0
-    assert_parity("StructureModule d loss / d single", grad, s_t.grad, rtol=1e-4)
+    assert_parity("StructureModule d loss / d single", grad, s_t.grad, rtol=1e-4, mask=mask)
 
 
 def test_structure_module_param_count_and_dropout():

@@ -24,6 +24,7 @@ from molfun_jax.data.buckets import collate
 from molfun_jax.heads.affinity import HeadConfig, TargetNorm, affinity_loss
 from molfun_jax.reports import StepProgress, regression_metrics
 from molfun_jax.training.distributed import data_mesh, replicate, shard_batch
+from molfun_jax.training.guard import MAX_SKIPPED_STEPS, SkipCounter
 from molfun_jax.training.schedules import steps_per_epoch
 from molfun_jax.training.step import (CACHED_KEY, HEAD_INPUT_KEYS, AffinityModel, eval_params, init_state,
                                       make_predict_step, make_single_step, make_train_step, with_dtype)
@@ -159,7 +160,8 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
         log: Optional[Callable[[str], None]] = None,
         on_epoch_end: Optional[Callable[[int, dict, dict, bool], None]] = None,
         on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
-        state: Optional[dict] = None, history: Optional[list[dict]] = None) -> FitResult:
+        state: Optional[dict] = None, history: Optional[list[dict]] = None,
+        max_skipped_steps: int = MAX_SKIPPED_STEPS) -> FitResult:
     """Fine-tune `variables` ({'trunk', 'head', 'lora'}, e.g. `AffinityModel.init_variables`)
     on `train` with `strategy`; validate on `val` each epoch (with the EMA params when EMA is on).
 
@@ -171,6 +173,9 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
     after each epoch (e.g. checkpointing; 1-based epoch), `on_step(step, {'loss', 'lr',
     'grad_norm'})` after each optimizer step (e.g. a tracker; `lr` of the primary label). To resume, pass the restored `state`
     and the `history` so far: training continues at epoch len(history) + 1.
+
+    A step whose loss or gradient norm is not finite is skipped (no update; counted in the row's
+    `skipped_steps`); `max_skipped_steps` in a row stop the run with SkippedStepsError.
     """
     if not train:
         raise ValueError("no training examples")
@@ -207,6 +212,7 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
     if history and best_epoch:
         waited = history[-1]["epoch"] - best_epoch
     patience = strategy.early_stopping_patience
+    skips = SkipCounter(max_skipped_steps)
     with StepProgress(progress) as bar:
         for epoch in range(len(history) + 1, epochs + 1):
             if patience and waited >= patience:
@@ -214,19 +220,24 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
             t0 = time.time()
             groups = make_batches(train_n, batch_size, k, np.random.default_rng([seed, epoch]))
             bar.start(f"epoch {epoch}/{epochs}", len(groups))
-            loss_sum, weight_sum = 0.0, 0.0
+            loss_sum, weight_sum, skipped = 0.0, 0.0, 0
             for g in groups:
                 state, m = train_step(state, frozen, shard_batch(g, mesh, 1))
-                w = float(m["weight"])
-                loss_sum, weight_sum = loss_sum + float(m["loss"]) * w, weight_sum + w
-                bar.advance(float(m["loss"]))
+                bad = bool(m["skipped"])
+                skipped += bad
+                skips.update(bad, epoch, int(state["step"]))
+                if not bad:
+                    w = float(m["weight"])
+                    loss_sum, weight_sum = loss_sum + float(m["loss"]) * w, weight_sum + w
+                bar.advance(float(m["loss"]), skipped)
                 if on_step is not None:
                     done = int(state["step"])
                     on_step(done, {"loss": float(m["loss"]), "lr": float(lr_fn(done - 1)),
                                    "grad_norm": float(m["grad_norm"])})
             step = int(state["step"])
-            row: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(weight_sum, 1.0),
-                                   "val_loss": None, "lr": float(lr_fn(step - 1))}
+            row: dict[str, Any] = {"epoch": epoch, "step": step,
+                                   "train_loss": loss_sum / weight_sum if weight_sum else math.nan,
+                                   "val_loss": None, "lr": float(lr_fn(step - 1)), "skipped_steps": skipped}
             if val_n:
                 ev = evaluate(predict_step, eval_params(state), frozen, val_n, batch_size, mesh, norm, head_config)
                 row.update(val_loss=ev["loss"], **{f"val_{m}": ev[m] for m in ("rmse", "mae", "pearson", "spearman")})
@@ -253,4 +264,6 @@ def _epoch_line(row: Mapping[str, Any]) -> str:
         if row.get(k) is not None:
             parts.append(f"{k} {row[k]:.4f}")
     parts.append(f"lr {row['lr']:.2e}")
+    if row.get("skipped_steps"):
+        parts.append(f"skipped {row['skipped_steps']} non-finite steps")
     return "  ".join(parts)

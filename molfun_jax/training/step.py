@@ -34,6 +34,7 @@ from molfun_jax.heads.affinity import AffinityHead, HeadConfig, affinity_loss
 from molfun_jax.lora import init_lora
 from molfun_jax.model import AlphaFold
 from molfun_jax.training.distributed import DATA_AXIS
+from molfun_jax.training.guard import keep_if_finite
 from molfun_jax.training.strategies import Plan, Strategy
 
 Array = jax.Array
@@ -121,7 +122,8 @@ def make_train_step(model: AffinityModel, plan: Plan, tx: optax.GradientTransfor
                     ema_decay: float = 0.0) -> Callable[[dict, dict, dict], tuple[dict, dict]]:
     """`step(state, frozen, batch) -> (state, metrics)`, jitted (state donated). `batch` leaves
     are `[k, B, ...]` global arrays sharded on axis 1 (`distributed.shard_batch(batch, mesh, 1)`);
-    metrics: weighted mean `loss`, `weight` (real examples) and `grad_norm` (before clipping)."""
+    metrics: weighted mean `loss`, `weight` (real examples), `grad_norm` (before clipping) and
+    `skipped` (1 when the loss or grad_norm was not finite and the update was dropped)."""
     hc = model.head_config
 
     def local_step(state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
@@ -153,11 +155,15 @@ def make_train_step(model: AffinityModel, plan: Plan, tx: optax.GradientTransfor
         grads = jax.tree_util.tree_map(lambda x: x / denom, g)
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
-        new = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}
+        new = {"trainable": trainable, "opt_state": opt_state}
         if "ema" in state:
             new["ema"] = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                                                 state["ema"], trainable)
-        return new, {"loss": l / denom, "weight": w, "grad_norm": optax.global_norm(grads)}
+        grad_norm = optax.global_norm(grads)
+        # a non-finite loss / gradient leaves params, optimizer state and EMA as they were
+        new, skipped = keep_if_finite(new, {k: state[k] for k in new}, l, grad_norm)
+        new.update(step=state["step"] + 1, rng=state["rng"])
+        return new, {"loss": l / denom, "weight": w, "grad_norm": grad_norm, "skipped": skipped}
 
     sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P(None, DATA_AXIS)),
                             out_specs=(P(), P()), check_vma=False)
