@@ -10,7 +10,8 @@ gradient under a frozen trunk). The first step's loss and gradient norm must agr
 
     python scripts/bench_train_step.py [--strategies lora,partial,full] [--n 64,128] [--remat on,off]
     python scripts/bench_train_step.py --compile-only [--n 128,256,384,512]   # XLA memory plans
-    python scripts/bench_train_step.py --partial-unsplit ...   # Partial through all blocks (old path)
+    python scripts/bench_train_step.py --strategies partial,partial_unsplit --sides ours --remat on
+        # partial_unsplit: Partial back-propagating through every block (the path before the split)
 
 Time is the median of `--repeats` steps after one warm-up step.
 """
@@ -113,6 +114,7 @@ def _strategy(name: str):
     from molfun_jax.training import Full, LoRA, Partial
     return {"lora": lambda: LoRA(rank=RANK, alpha=ALPHA, target_modules=LORA_TARGETS, amp=False),
             "partial": lambda: Partial(unfreeze_last_n=PARTIAL_N, amp=False),
+            "partial_unsplit": lambda: Partial(unfreeze_last_n=PARTIAL_N, amp=False),
             "full": lambda: Full(amp=False)}[name]()
 
 
@@ -126,7 +128,7 @@ def run_ours(job: dict, folder: Path) -> dict:
     cfg = bench_config(job["preset"], job["remat"], job["dtype"], job.get("policy"))
     strategy = _strategy(job["strategy"])
     variables = load_variables(folder, job["strategy"] == "lora")
-    split = {"frozen_blocks": 0} if job.get("unsplit") else {}
+    split = {"frozen_blocks": 0} if job["strategy"] == "partial_unsplit" else {}
     model = AffinityModel(cfg, HeadConfig(dropout=0.0, pooling="mean"), **split)
     plan = strategy.plan(variables)
     tx = plan.optimizer(100)
@@ -210,7 +212,7 @@ def run_openfold(job: dict, folder: Path) -> dict:
     trainable: list[torch.nn.Parameter] = []
     if job["strategy"] == "lora":
         trainable += wrap_lora(model, variables["lora"], t)
-    elif job["strategy"] == "partial":
+    elif job["strategy"].startswith("partial"):
         for blk in model.evoformer.blocks[-PARTIAL_N:]:
             trainable += list(blk.parameters())
         trainable += list(model.evoformer.linear.parameters())
@@ -304,14 +306,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="model_1_ptm")
     ap.add_argument("--chain", default="2gu3A")
-    ap.add_argument("--strategies", default="lora,partial,full")
+    ap.add_argument("--strategies", default="lora,partial,full",
+                    help="lora, partial, partial_unsplit (ours through every block), full")
     ap.add_argument("--n", default="64", help="comma-separated crop sizes")
     ap.add_argument("--remat", default="on,off", help="'on', 'off' or both")
     ap.add_argument("--policy", default=None, help="globals.remat_policy override (ours)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sides", default="ours,openfold")
-    ap.add_argument("--partial-unsplit", action="store_true",
-                    help="ours: Partial back-propagates through every block (the path before the split)")
     ap.add_argument("--forward", action="store_true", help="ours: also time the forward (LoRA rows)")
     ap.add_argument("--compile-only", action="store_true",
                     help="ours only: XLA memory plans (fp32 and bf16) of the LoRA step, remat on")
@@ -347,19 +348,19 @@ def main() -> None:
                           f"{fmt(r.get('xla_temp_gib'), '13.2f')} {fmt(r.get('xla_total_gib'), '14.2f')}"
                           + (f"  {r['error']}" if "error" in r else ""), flush=True)
             return
-        print(f"{'strategy':>8} {'N':>4} {'remat':>5} | {'compile':>7} {'step s':>7} {'RSS GiB':>7} "
+        print(f"{'strategy':>15} {'N':>4} {'remat':>5} | {'compile':>7} {'step s':>7} {'RSS GiB':>7} "
               f"{'XLA GiB':>7} {'fwd s':>6} | {'OF step':>7} {'OF RSS':>6} | {'speed':>6} {'mem':>6} | "
               f"{'loss rel':>8} {'|g| rel':>8}")
         for strat in args.strategies.split(","):
             for n in ns:
                 for remat in remats:
                     job = dict(base, strategy=strat, n=n, remat=remat, dtype="float32",
-                               unsplit=args.partial_unsplit, forward=args.forward and strat == "lora")
+                               forward=args.forward and strat == "lora")
                     o = worker("ours", job, folder) if "ours" in args.sides else {}
                     r = worker("openfold", job, folder) if "openfold" in args.sides else {}
                     ratio = lambda a: (r[a] / o[a]) if a in r and a in o else None
                     rel = lambda a: abs(o[a] - r[a]) / max(abs(r[a]), 1e-30) if a in r and a in o else None
-                    print(f"{strat:>8} {n:>4} {'on' if remat else 'off':>5} | {fmt(o.get('compile_s'), '7.1f')} "
+                    print(f"{strat:>15} {n:>4} {'on' if remat else 'off':>5} | {fmt(o.get('compile_s'), '7.1f')} "
                           f"{fmt(o.get('step_s'), '7.2f')} {fmt(o.get('rss_gib'), '7.2f')} "
                           f"{fmt(o.get('xla_total_gib'), '7.2f')} {fmt(o.get('forward_s'), '6.2f')} | "
                           f"{fmt(r.get('step_s'), '7.2f')} {fmt(r.get('rss_gib'), '6.2f')} | "
