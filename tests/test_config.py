@@ -1,7 +1,7 @@
 """Our presets equal OpenFold's model configs; tiny is derived from the same code."""
 import pytest
 
-from molfun_jax.config import PRESETS, from_openfold, model_config
+from molfun_jax.config import PRESETS, from_openfold, model_config, remat_policy
 import tests.reference  # noqa: F401  (skips without the reference; imports importlib.util)
 
 import openfold.config as of_config  # noqa: E402
@@ -37,3 +37,15 @@ def test_tiny_is_reduced_model_1_ptm():
     assert t.model.keys() == f.model.keys()
     with pytest.raises(ValueError, match="unknown preset 'model_9'"):
         model_config("model_9")
+
+
+def test_remat_policy_names_jax_policies():
+    import jax
+
+    g = model_config("tiny", train=True).globals
+    assert remat_policy(g) is jax.checkpoint_policies.nothing_saveable
+    g.remat_policy = "dots_saveable"
+    assert remat_policy(g) is jax.checkpoint_policies.dots_saveable
+    g.remat_policy = "save_everything"
+    with pytest.raises(ValueError, match="remat_policy"):
+        remat_policy(g)
