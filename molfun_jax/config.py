@@ -1,19 +1,25 @@
 """Model configuration mirroring OpenFold v1.0's `openfold.config.model_config`.
 
 The tree has OpenFold's key names (`globals`, `model.evoformer_stack.no_blocks`, ...) so that
-`from_openfold` is a copy, plus three fields of ours under `globals`:
-`num_recycles` (static recycling count), `dtype` (compute dtype) and `remat` (rematerialise each
-scanned block in the backward pass).
+`from_openfold` is a copy, plus fields of ours under `globals`:
+`num_recycles` (static recycling count), `dtype` (compute dtype), `remat` (rematerialise each
+scanned block in the backward pass) and `remat_policy` (what a rematerialised block may keep from
+its forward, a `jax.checkpoint_policies` name, see `REMAT_POLICIES`).
 """
 from __future__ import annotations
 
 import copy
 from typing import Any
 
+import jax
 import ml_collections as mlc
 
 PRESETS = tuple(f"model_{i}" for i in range(1, 6)) + tuple(f"model_{i}_ptm" for i in range(1, 6))
 TINY = "tiny"
+# globals.remat_policy -> what a rematerialised block saves for its backward: nothing (recompute
+# the whole block), matmul outputs (recompute only element-wise work), or matmuls without batch
+# dimensions (the projections; attention logits and triangle products are recomputed).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 def _base() -> mlc.ConfigDict:
@@ -28,6 +34,7 @@ def _base() -> mlc.ConfigDict:
             "num_recycles": 3,  # OpenFold data.common.max_recycling_iters
             "dtype": "float32",  # compute dtype: float32 | bfloat16
             "remat": False,  # nn.remat each scanned block (True when training)
+            "remat_policy": "nothing_saveable",  # one of REMAT_POLICIES
         },
         "model": {
             "_mask_trans": False,
@@ -140,6 +147,15 @@ def model_config(name: str, train: bool = False, low_prec: bool = False) -> mlc.
         m.structure_module.epsilon = 1e-4
         _set_inf(c, 1e4)
     return c
+
+
+def remat_policy(globals_: Any) -> Any:
+    """The `jax.checkpoint_policies` function named by `globals_.remat_policy` (default: save
+    nothing)."""
+    name = globals_.get("remat_policy", "nothing_saveable")
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"globals.remat_policy={name!r}; choose one of {REMAT_POLICIES}")
+    return getattr(jax.checkpoint_policies, name)
 
 
 def from_openfold(cfg: Any) -> mlc.ConfigDict:

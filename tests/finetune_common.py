@@ -22,12 +22,11 @@ def tiny_config(fast: bool = True):
     return cfg
 
 
-@functools.cache
-def random_trunk(fast: bool = True, seed: int = 0) -> dict:
-    """Trunk params with non-zero random values everywhere (AlphaFold's init zeroes output
+def random_params(config, seed: int = 0) -> dict:
+    """Params of `config` with non-zero random values everywhere (AlphaFold's init zeroes output
     projections and gates, which would block gradients to q / v and hide bugs); the same scheme
     as tests.reference.randomize_."""
-    shapes = param_shapes(tiny_config(fast))
+    shapes = param_shapes(config)
     rng = np.random.default_rng(seed)
 
     def fill(path, s):
@@ -39,6 +38,12 @@ def random_trunk(fast: bool = True, seed: int = 0) -> dict:
         return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@functools.cache
+def random_trunk(fast: bool = True, seed: int = 0) -> dict:
+    """`random_params` of the tiny config."""
+    return random_params(tiny_config(fast), seed)
 
 
 def synthetic_example(cfg, n_res: int, seed: int, n_valid: int | None = None) -> dict:

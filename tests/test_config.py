@@ -1,7 +1,7 @@
 """Our presets equal OpenFold's model configs; tiny is derived from the same code."""
 import pytest
 
-from molfun_jax.config import PRESETS, from_openfold, model_config
+from molfun_jax.config import PRESETS, from_openfold, model_config, remat_policy
 import tests.reference  # noqa: F401  (skips without the reference; imports importlib.util)
 
 import openfold.config as of_config  # noqa: E402
@@ -55,7 +55,7 @@ RUNTIME_ONLY = {"blocks_per_ckpt", "ckpt", "clear_cache_between_blocks", "tune_c
 OFF_IN_EVERY_PRESET = {"average_templates": False}  # template pointwise attention, never averaging
 # globals: ours only (compute dtype, recycles: OpenFold's data.common.max_recycling_iters, remat)
 # and theirs only (LMA / flash attention kernels, CPU offloading: runtime choices)
-GLOBALS_OURS_ONLY = {"dtype", "num_recycles", "remat"}
+GLOBALS_OURS_ONLY = {"dtype", "num_recycles", "remat", "remat_policy"}
 GLOBALS_THEIRS_ONLY = {"blocks_per_ckpt", "offload_inference", "use_flash", "use_lma"}
 
 
@@ -77,3 +77,15 @@ def test_model_keys_equal_openfold_both_ways(preset):
     og, tg = ours.globals.to_dict(), theirs.globals.to_dict()
     assert set(og) - set(tg) == GLOBALS_OURS_ONLY and set(tg) - set(og) == GLOBALS_THEIRS_ONLY
     assert {k: (og[k], tg[k]) for k in set(og) & set(tg) if k != "chunk_size" and og[k] != tg[k]} == {}
+
+
+def test_remat_policy_names_jax_policies():
+    import jax
+
+    g = model_config("tiny", train=True).globals
+    assert remat_policy(g) is jax.checkpoint_policies.nothing_saveable
+    g.remat_policy = "dots_saveable"
+    assert remat_policy(g) is jax.checkpoint_policies.dots_saveable
+    g.remat_policy = "save_everything"
+    with pytest.raises(ValueError, match="remat_policy"):
+        remat_policy(g)

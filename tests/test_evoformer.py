@@ -307,6 +307,35 @@ def test_remat_gives_same_values_and_grads(evo_stack):
         assert float(jnp.abs(a - b).max()) <= 1e-5 * scale, jax.tree_util.keystr(path)
 
 
+@pytest.mark.parametrize("variant", ["chunk_size=3", "dots_saveable", "frozen_blocks=1"])
+def test_training_variants_give_the_same_grads(evo_stack, variant):
+    """Training with chunking (lax.map under remat), a remat policy that saves matmul outputs,
+    or the first block run forward-only: the gradients w.r.t. the params (of the trained
+    blocks) and the input z equal the plain remat step's."""
+    mod, params, args, _ = evo_stack
+    mod = mod.clone(remat=True)
+    chunk, frozen = (3 if variant == "chunk_size=3" else None), (1 if variant == "frozen_blocks=1" else 0)
+    other = mod.clone(remat_policy=jax.checkpoint_policies.dots_saveable) if variant == "dots_saveable" else mod
+
+    def grads(mdl, chunk_size, frozen_blocks):
+        def loss(p_, z):
+            m, z, s = mdl.apply(p_, args[0], z, *args[2:], chunk_size=chunk_size, frozen_blocks=frozen_blocks)
+            return jnp.sum(m ** 2) + jnp.sum(z ** 2) + jnp.sum(s ** 2)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, args[1])
+
+    (g0, dz0), (g1, dz1) = grads(mod, None, 0), grads(other, chunk, frozen)
+    if frozen:  # block 0 gets no gradient, nor does z (it enters below the trained block)
+        assert all(float(jnp.abs(g[:frozen]).max()) == 0 for g in jax.tree_util.tree_leaves(g1["params"]["blocks"]))
+        assert float(jnp.abs(dz1).max()) == 0
+        g0["params"]["blocks"] = jax.tree_util.tree_map(lambda g: g[frozen:], g0["params"]["blocks"])
+        g1["params"]["blocks"] = jax.tree_util.tree_map(lambda g: g[frozen:], g1["params"]["blocks"])
+    else:
+        assert rel_error(dz1, dz0)[1] <= 1e-5
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(g0))
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g1)[0], jax.tree_util.tree_leaves(g0)):
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * scale, jax.tree_util.keystr(path)
+
+
 def test_bfloat16_compute_keeps_carry_types_and_is_close(evo_stack):
     mod, params, args, run = evo_stack
     ref = run(None, True, jax.random.PRNGKey(0))

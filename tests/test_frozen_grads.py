@@ -51,10 +51,7 @@ def evoformer_block_kernels(trunk, shapes: set) -> int:
 
 
 @pytest.mark.parametrize("strategy", [HeadOnly(amp=False), LoRA(rank=3, amp=False),
-                                      pytest.param(Partial(unfreeze_last_n=1, amp=False), marks=pytest.mark.xfail(
-                                          strict=True, reason="Partial concatenates frozen and trained blocks into "
-                                          "one scanned stack, so the scan's backward computes dW of the frozen "
-                                          "blocks too (then drops it)")),
+                                      Partial(unfreeze_last_n=1, amp=False),
                                       Full(amp=False)], ids=lambda s: s.name)
 def test_frozen_params_get_no_gradient_dots(strategy):
     cfg = tiny_config()

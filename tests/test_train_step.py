@@ -124,32 +124,25 @@ def test_data_parallel_two_devices_equal_one():
     assert_same_tree(two["update"], one["update"])
 
 
+def walk(jaxpr):
+    """Every equation of a jaxpr, recursively through sub-jaxprs (each body visited once)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from walk(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from walk(sub)
+
+
 def count_dots(jaxpr) -> int:
     """dot_general equations, recursively through sub-jaxprs (each body counted once)."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "dot_general"
-        for v in eqn.params.values():
-            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    n += count_dots(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    n += count_dots(sub)
-    return n
+    return sum(eqn.primitive.name == "dot_general" for eqn in walk(jaxpr))
 
 
-def dtypes_of_dots(jaxpr, out=None) -> set:
-    out = set() if out is None else out
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            out.add(str(eqn.invars[0].aval.dtype))
-        for v in eqn.params.values():
-            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    dtypes_of_dots(sub.jaxpr, out)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    dtypes_of_dots(sub, out)
-    return out
+def dtypes_of_dots(jaxpr) -> set:
+    return {str(eqn.invars[0].aval.dtype) for eqn in walk(jaxpr) if eqn.primitive.name == "dot_general"}
 
 
 def test_head_only_step_has_no_trunk_backward():
@@ -253,3 +246,40 @@ def test_model_1_ptm_lora_step():
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
     b = state["trainable"]["lora"]["evoformer"]["blocks"]["msa_att_row"]["mha"]["linear_v"]["b"]
     assert b.shape == (48, 8, 256) and float(jnp.abs(b).max()) > 0
+
+
+def reverse_scan_lengths(jaxpr) -> list:
+    """Lengths of the reverse-order scans (the backward of a forward scan), recursively."""
+    return [eqn.params["length"] for eqn in walk(jaxpr) if eqn.primitive.name == "scan" and eqn.params["reverse"]]
+
+
+def test_partial_split_same_update_without_frozen_backward():
+    """Partial(1) on the 2-block tiny stack: the step that runs block 0 forward-only (taken
+    from the plan) gives the gradient and updated params of the step that back-propagates
+    through both blocks (AffinityModel(frozen_blocks=0)), and its backward scans 1 block, not 2.
+    Updated params compared under SGD: Adam's first update is ~lr * sign(g), which turns the
+    float32 noise of a gradient that cancels to ~0 (a LayerNorm bias feeding a softmax) into
+    +-lr on either path alike."""
+    s = Partial(unfreeze_last_n=1, lr_trunk=1e-2, weight_decay=0.1, amp=False)
+    (group,) = make_batches(examples(4), 2, 2)
+    results, lengths = [], []
+    for split in ({}, {"frozen_blocks": 0}):
+        model = AffinityModel(tiny_config(), HeadConfig(), **split)
+        variables = model.init_variables(random_trunk(), s, jax.random.PRNGKey(0))
+        plan = s.plan(variables)
+        tx = record_grads(optax.sgd(0.1))
+        mesh = data_mesh()
+        state, frozen = init_state(plan, variables, tx, jax.random.PRNGKey(1))
+        state, frozen = replicate(state, mesh), replicate(frozen, mesh)
+        step = make_train_step(model, plan, tx, mesh)
+        batch = shard_batch(group, mesh, 1)
+        lengths.append(reverse_scan_lengths(jax.make_jaxpr(step)(state, frozen, batch).jaxpr))
+        state, metrics = step(state, frozen, batch)
+        results.append((state["opt_state"][0], state["trainable"], metrics["loss"]))
+    (g_new, p_new, l_new), (g_old, p_old, l_old) = results
+    assert_same_tree(g_new, g_old, rtol=1e-6)
+    assert_same_tree(p_new, p_old, rtol=1e-6)
+    assert rel_diff(l_new, l_old) <= 1e-6
+    # block backward: scans of 1 block only (the split); the old path scans both blocks
+    assert 2 not in lengths[0] and 1 in lengths[0], lengths
+    assert 2 in lengths[1], lengths

@@ -1,17 +1,15 @@
 """Evoformer and extra-MSA blocks and stacks (OpenFold `openfold/model/evoformer.py`)
 [Algorithms 6, 9, 18].
 
-The stacks `nn.scan` one block over a leading block axis of the params (`blocks/...`, stacked
-[no_blocks, ...]), optionally `nn.remat`-ed, so the block is traced and compiled once whatever
-the depth (DESIGN.md section 3). OpenFold's runtime knobs (`blocks_per_ckpt`,
-`clear_cache_between_blocks`, `tune_chunk_size`, `use_lma`, `inplace_safe`, offloading) have no
-counterpart. As in OpenFold v1's model (`_mask_trans=False`), the MSA and pair transitions run
+The stacks scan one block over a leading block axis of the params (`model.scan`). OpenFold's
+runtime knobs (`blocks_per_ckpt`, `clear_cache_between_blocks`, `tune_chunk_size`, `use_lma`,
+`inplace_safe`, offloading) have no counterpart. As in OpenFold v1's model (`_mask_trans=False`), the MSA and pair transitions run
 unmasked.
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Optional
+import dataclasses
+from typing import Callable, ClassVar, Optional
 
 import flax.linen as nn
 import jax
@@ -21,55 +19,13 @@ from molfun_jax.model.dropout import DropoutColumnwise, DropoutRowwise
 from molfun_jax.model.msa import MSAColumnAttention, MSAColumnGlobalAttention, MSARowAttentionWithPairBias
 from molfun_jax.model.outer_product_mean import OuterProductMean
 from molfun_jax.model.pair_transition import PairTransition, transition
-from molfun_jax.model.primitives import Linear, compute_dtype
+from molfun_jax.model.primitives import Linear
+from molfun_jax.model.scan import FromConfigMixin, add, scan_blocks
 from molfun_jax.model.triangular_attention import TriangleAttention
 from molfun_jax.model.triangular_multiplicative_update import (TriangleMultiplicationIncoming,
                                                                TriangleMultiplicationOutgoing)
 
 Array = jax.Array
-
-
-def add(x: Array, update: Array) -> Array:
-    """Residual update that keeps x's dtype (scan carries must keep their type)."""
-    return x + update.astype(x.dtype)
-
-
-@functools.cache
-def _carry_form(block: type[nn.Module]) -> type[nn.Module]:
-    """`block` whose call `(*state, *args) -> state` becomes `(state_tuple, *args) ->
-    (state_tuple, None)`, the signature `nn.scan` needs; same params, same names."""
-    class Scanned(block):  # type: ignore[valid-type, misc]
-        def __call__(self, carry: tuple, *args: Any) -> tuple[tuple, None]:
-            out = block.__call__(self, *carry, *args)
-            return (out if isinstance(out, tuple) else (out,)), None
-
-    Scanned.__name__ = block.__name__
-    return Scanned
-
-
-def scan_blocks(block: type[nn.Module], no_blocks: int, no_args: int, remat: bool,
-                remat_policy: Optional[Callable]) -> type[nn.Module]:
-    """A module class applying `block` `no_blocks` times with params stacked on axis 0
-    (`params` and `lora` collections), fresh param/dropout RNGs per block. Its call is
-    `(state_tuple, *args) -> (state_tuple, None)` where the `no_args` args are the same for every
-    block and the last two (chunk_size, deterministic) are static."""
-    cls = _carry_form(block)
-    if remat:
-        # argnums count the module as 0 and the state tuple as 1
-        cls = nn.remat(cls, policy=remat_policy, prevent_cse=False, static_argnums=(no_args, no_args + 1))
-    return nn.scan(cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=(nn.broadcast,) * no_args, length=no_blocks)
-
-
-class FromConfigMixin:
-    """`Stack.from_config(cfg.model.<stack>, cfg.globals, **overrides)`: the config keys are the
-    attributes; dtype and remat come from the globals."""
-
-    @classmethod
-    def from_config(cls, cfg: Any, globals_: Any, **overrides: Any) -> Any:
-        kw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        kw.update(dtype=compute_dtype(globals_.dtype), remat=bool(globals_.remat))
-        return cls(**{**kw, **overrides})
 
 
 class MSATransition(nn.Module):
@@ -125,10 +81,9 @@ class EvoformerBlockCore(nn.Module):
         return m, z
 
 
-class EvoformerBlock(nn.Module):
-    """One Evoformer block [Algorithm 6, lines 2-18]: MSA row attention with pair bias
-    (row-wise dropout), MSA column attention, then EvoformerBlockCore. `eps` is unused, as in
-    OpenFold (kept so the config maps onto the attributes)."""
+class EvoformerBlockFields(nn.Module):
+    """The hyper-parameters of an Evoformer / extra-MSA block (OpenFold's config keys), shared
+    by the blocks and their stacks."""
     c_m: int
     c_z: int
     c_hidden_msa_att: int
@@ -143,6 +98,16 @@ class EvoformerBlock(nn.Module):
     inf: float
     eps: float
     dtype: jnp.dtype = jnp.float32
+
+    def block_fields(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(EvoformerBlockFields)
+                if f.name not in ("parent", "name")}
+
+
+class EvoformerBlock(EvoformerBlockFields):
+    """One Evoformer block [Algorithm 6, lines 2-18]: MSA row attention with pair bias
+    (row-wise dropout), MSA column attention, then EvoformerBlockCore. `eps` is unused, as in
+    OpenFold (kept so the config maps onto the attributes)."""
 
     @nn.compact
     def __call__(self, m: Array, z: Array, msa_mask: Array, pair_mask: Array,
@@ -176,72 +141,69 @@ def _core(b: EvoformerBlock, name: str) -> EvoformerBlockCore:
                               b.transition_n, b.pair_dropout, b.inf, dtype=b.dtype, name=name)
 
 
-_BLOCK_FIELDS = ("c_m", "c_z", "c_hidden_msa_att", "c_hidden_opm", "c_hidden_mul", "c_hidden_pair_att",
-                 "no_heads_msa", "no_heads_pair", "transition_n", "msa_dropout", "pair_dropout", "inf", "eps",
-                 "dtype")
+class _BlockStack(EvoformerBlockFields, FromConfigMixin):
+    """`no_blocks` scanned `block`s; `remat` rematerialises each in the backward pass with
+    `remat_policy` (default: save nothing)."""
+    no_blocks: int = dataclasses.field(kw_only=True)
+    remat: bool = dataclasses.field(default=False, kw_only=True)
+    remat_policy: Optional[Callable] = dataclasses.field(default=jax.checkpoint_policies.nothing_saveable,
+                                                         kw_only=True)
+    block: ClassVar[type[nn.Module]] = EvoformerBlock
+
+    def run_blocks(self, m: Array, z: Array, msa_mask: Array, pair_mask: Array, chunk_size: Optional[int],
+                   deterministic: bool, frozen_blocks: int = 0) -> tuple[Array, Array]:
+        """(m, z) after the blocks. With `frozen_blocks=k` the first k blocks run forward-only
+        (their params and outputs behind `stop_gradient`, so no backward goes through them) and
+        the others as usual: the same values, and the same gradients for the params of blocks
+        k.. (blocks below k get none). Dropout masks then come from one RNG per part."""
+        def stack(n: int, remat: bool, **kw: object) -> nn.Module:
+            return scan_blocks(self.block, n, 4, remat, self.remat_policy)(**self.block_fields(), **kw)
+
+        if not frozen_blocks or self.is_initializing():
+            (m, z), _ = stack(self.no_blocks, self.remat, name="blocks")(
+                (m, z), msa_mask, pair_mask, chunk_size, deterministic)
+            return m, z
+        if not 0 < frozen_blocks <= self.no_blocks:
+            raise ValueError(f"frozen_blocks={frozen_blocks} but the stack has {self.no_blocks} blocks")
+        stacked = {c: v["blocks"] for c, v in self.variables.items() if "blocks" in v}
+
+        def run(lo: int, hi: int, remat: bool, m: Array, z: Array, frozen: bool) -> tuple[Array, Array]:
+            part = jax.tree_util.tree_map(lambda x: x[lo:hi], stacked)
+            part = jax.lax.stop_gradient(part) if frozen else part
+            rngs = None if deterministic else {"dropout": self.make_rng("dropout")}
+            (m, z), _ = stack(hi - lo, remat, parent=None).apply(
+                part, (m, z), msa_mask, pair_mask, chunk_size, deterministic, rngs=rngs)
+            return m, z
+
+        # no backward through the frozen part: remat there would only cost compile time
+        m, z = jax.lax.stop_gradient(run(0, frozen_blocks, False, m, z, frozen=True))
+        if frozen_blocks < self.no_blocks:
+            m, z = run(frozen_blocks, self.no_blocks, self.remat, m, z, frozen=False)
+        return m, z
 
 
-class EvoformerStack(nn.Module, FromConfigMixin):
+class EvoformerStack(_BlockStack):
     """The Evoformer trunk [Algorithm 6]: `no_blocks` EvoformerBlocks (scanned), then the
-    single representation s = Linear(m[..., 0, :, :]). `remat` rematerialises each block in the
-    backward pass with `remat_policy` (default: save nothing)."""
-    c_m: int
-    c_z: int
-    c_hidden_msa_att: int
-    c_hidden_opm: int
-    c_hidden_mul: int
-    c_hidden_pair_att: int
-    c_s: int
-    no_heads_msa: int
-    no_heads_pair: int
-    no_blocks: int
-    transition_n: int
-    msa_dropout: float
-    pair_dropout: float
-    inf: float
-    eps: float
-    dtype: jnp.dtype = jnp.float32
-    remat: bool = False
-    remat_policy: Optional[Callable] = jax.checkpoint_policies.nothing_saveable
+    single representation s = Linear(m[..., 0, :, :]). `frozen_blocks`: see `run_blocks`."""
+    c_s: int = dataclasses.field(kw_only=True)
 
     @nn.compact
-    def __call__(self, m: Array, z: Array, msa_mask: Array, pair_mask: Array,
-                 chunk_size: Optional[int] = None, deterministic: bool = True) -> tuple[Array, Array, Array]:
+    def __call__(self, m: Array, z: Array, msa_mask: Array, pair_mask: Array, chunk_size: Optional[int] = None,
+                 deterministic: bool = True, frozen_blocks: int = 0) -> tuple[Array, Array, Array]:
         # m: [*, N_seq, N_res, C_m], z: [*, N_res, N_res, C_z]
         # msa_mask: [*, N_seq, N_res], pair_mask: [*, N_res, N_res]
-        blocks = scan_blocks(EvoformerBlock, self.no_blocks, 4, self.remat, self.remat_policy)(
-            **{k: getattr(self, k) for k in _BLOCK_FIELDS}, name="blocks")
-        (m, z), _ = blocks((m, z), msa_mask, pair_mask, chunk_size, deterministic)
+        m, z = self.run_blocks(m, z, msa_mask, pair_mask, chunk_size, deterministic, frozen_blocks)
         s = Linear(self.c_s, dtype=self.dtype, name="linear")(m[..., 0, :, :])  # [*, N_res, C_s]
         return m, z, s
 
 
-class ExtraMSAStack(nn.Module, FromConfigMixin):
-    """The extra-MSA stack [Algorithm 18]: `no_blocks` ExtraMSABlocks (scanned); returns z.
-    `remat` / `remat_policy` as EvoformerStack."""
-    c_m: int
-    c_z: int
-    c_hidden_msa_att: int
-    c_hidden_opm: int
-    c_hidden_mul: int
-    c_hidden_pair_att: int
-    no_heads_msa: int
-    no_heads_pair: int
-    no_blocks: int
-    transition_n: int
-    msa_dropout: float
-    pair_dropout: float
-    inf: float
-    eps: float
-    dtype: jnp.dtype = jnp.float32
-    remat: bool = False
-    remat_policy: Optional[Callable] = jax.checkpoint_policies.nothing_saveable
+class ExtraMSAStack(_BlockStack):
+    """The extra-MSA stack [Algorithm 18]: `no_blocks` ExtraMSABlocks (scanned); returns z."""
+    block: ClassVar[type[nn.Module]] = ExtraMSABlock
 
     @nn.compact
     def __call__(self, m: Array, z: Array, msa_mask: Array, pair_mask: Array,
                  chunk_size: Optional[int] = None, deterministic: bool = True) -> Array:
         # m: [*, N_extra, N_res, C_e], z: [*, N_res, N_res, C_z] -> z
-        blocks = scan_blocks(ExtraMSABlock, self.no_blocks, 4, self.remat, self.remat_policy)(
-            **{k: getattr(self, k) for k in _BLOCK_FIELDS}, name="blocks")
-        (_, z), _ = blocks((m, z), msa_mask, pair_mask, chunk_size, deterministic)
+        _, z = self.run_blocks(m, z, msa_mask, pair_mask, chunk_size, deterministic)
         return z

@@ -21,6 +21,7 @@ from molfun_jax.model.embedders import (ExtraMSAEmbedder, InputEmbedder, Recycli
                                         TemplateAngleEmbedder, TemplatePairEmbedder)
 from molfun_jax.model.evoformer import EvoformerStack, ExtraMSAStack
 from molfun_jax.model.heads import AuxiliaryHeads
+from molfun_jax.config import remat_policy
 from molfun_jax.model.primitives import compute_dtype
 from molfun_jax.model.structure_module import StructureModule
 from molfun_jax.model.template import TemplatePairStack, TemplatePointwiseAttention
@@ -44,19 +45,20 @@ class AlphaFold(nn.Module):
     def setup(self) -> None:
         g, c = self.config.globals, self.config.model
         dt = compute_dtype(g.dtype)
+        remat = {"remat": g.remat, "remat_policy": remat_policy(g)}
         self.input_embedder = InputEmbedder(**_kw(c.input_embedder), dtype=dt)
         self.recycling_embedder = RecyclingEmbedder(**_kw(c.recycling_embedder), dtype=dt)
         t = c.template
         if t.enabled:
             self.template_angle_embedder = TemplateAngleEmbedder(**_kw(t.template_angle_embedder), dtype=dt)
             self.template_pair_embedder = TemplatePairEmbedder(**_kw(t.template_pair_embedder), dtype=dt)
-            self.template_pair_stack = TemplatePairStack(**_kw(t.template_pair_stack), dtype=dt, remat=g.remat)
+            self.template_pair_stack = TemplatePairStack(**_kw(t.template_pair_stack), dtype=dt, **remat)
             self.template_pointwise_att = TemplatePointwiseAttention(
                 **_kw(t.template_pointwise_attention), dtype=dt)
         if c.extra_msa.enabled:
             self.extra_msa_embedder = ExtraMSAEmbedder(**_kw(c.extra_msa.extra_msa_embedder), dtype=dt)
-            self.extra_msa_stack = ExtraMSAStack(**_kw(c.extra_msa.extra_msa_stack), dtype=dt, remat=g.remat)
-        self.evoformer = EvoformerStack(**_kw(c.evoformer_stack), dtype=dt, remat=g.remat)
+            self.extra_msa_stack = ExtraMSAStack(**_kw(c.extra_msa.extra_msa_stack), dtype=dt, **remat)
+        self.evoformer = EvoformerStack(**_kw(c.evoformer_stack), dtype=dt, **remat)
         self.structure_module = StructureModule(**_kw(c.structure_module), dtype=dt)
         self.aux_heads = AuxiliaryHeads(c.heads, dtype=dt)
 
@@ -80,7 +82,8 @@ class AlphaFold(nn.Module):
             out["template_angle_embedding"] = self.template_angle_embedder(build_template_angle_feat(feats))
         return out
 
-    def iteration(self, feats: Feats, prevs: tuple[Array, Array, Array], deterministic: bool) -> tuple[dict, tuple]:
+    def iteration(self, feats: Feats, prevs: tuple[Array, Array, Array], deterministic: bool,
+                  frozen_blocks: int = 0) -> tuple[dict, tuple]:
         """One recycling iteration; returns (outputs, (m_1_prev, z_prev, x_prev))."""
         g, c = self.config.globals, self.config.model
         n_seq = feats["msa_feat"].shape[-3]
@@ -110,7 +113,7 @@ class AlphaFold(nn.Module):
                                      pair_mask=pair_mask, chunk_size=g.chunk_size, deterministic=deterministic)
 
         m, z, s = self.evoformer(m, z, msa_mask=msa_mask, pair_mask=pair_mask, chunk_size=g.chunk_size,
-                                 deterministic=deterministic)
+                                 deterministic=deterministic, frozen_blocks=frozen_blocks)
         outputs = {"msa": m[..., :n_seq, :, :], "pair": z, "single": s}
         outputs["sm"] = self.structure_module(s, z, feats["aatype"], seq_mask, deterministic=deterministic)
         outputs["final_atom_positions"] = atom14_to_atom37(outputs["sm"]["positions"][-1], feats)
@@ -118,7 +121,9 @@ class AlphaFold(nn.Module):
         outputs["final_affine_tensor"] = outputs["sm"]["frames"][-1]
         return outputs, (m[..., 0, :, :], z, outputs["final_atom_positions"])
 
-    def __call__(self, feats: Feats, deterministic: bool = True) -> dict:
+    def __call__(self, feats: Feats, deterministic: bool = True, frozen_blocks: int = 0) -> dict:
+        """`frozen_blocks=k`: no gradient through the first k Evoformer blocks (see
+        `EvoformerStack.run_blocks`); the outputs are unchanged."""
         c = self.config.model
         n = feats["aatype"].shape[-1]
         prevs = (jnp.zeros((n, c.input_embedder.c_m), jnp.float32),
@@ -137,7 +142,7 @@ class AlphaFold(nn.Module):
                 self.iteration(feats, prevs, deterministic)
             prevs, _ = recycle(self, prevs, None)
             prevs = jax.lax.stop_gradient(prevs)
-        outputs, _ = self.iteration(feats, prevs, deterministic)
+        outputs, _ = self.iteration(feats, prevs, deterministic, frozen_blocks)
         outputs.update(self.aux_heads(outputs))
         return outputs
 

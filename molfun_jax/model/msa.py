@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from molfun_jax.model.primitives import Attention, GlobalAttention, LayerNorm, Linear, chunk_layer
+from molfun_jax.model.primitives import Attention, GlobalAttention, LayerNorm, Linear, chunk_layer, runtime_chunk_size
 
 Array = jax.Array
 
@@ -87,7 +87,7 @@ class MSAColumnGlobalAttention(nn.Module):
         layer_norm_m = LayerNorm(name="layer_norm_m")
         global_attention = GlobalAttention(self.c_hidden, self.no_heads, inf=self.inf, eps=self.eps,
                                            dtype=self.dtype, name="global_attention")
-        # chunks over the residue axis; params are created unchunked (no lax.map at init)
+        # chunks over the residue axis
         m = chunk_layer(lambda m_, mask_: global_attention(layer_norm_m(m_), mask_), [m, mask],
-                        None if self.is_initializing() else chunk_size, m.ndim - 2)
+                        runtime_chunk_size(self, chunk_size), m.ndim - 2)
         return jnp.swapaxes(m, -2, -3)  # [*, N_seq, N_res, C_in]

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from molfun_jax.model.primitives import LayerNorm, Linear, chunk_layer
+from molfun_jax.model.primitives import LayerNorm, Linear, chunk_layer, runtime_chunk_size
 
 Array = jax.Array
 
@@ -40,9 +40,9 @@ class OuterProductMean(nn.Module):
             outer = jnp.einsum("...sc,...jse->...jce", a_, b_, preferred_element_type=jnp.float32)
             return linear_out(outer.reshape(outer.shape[:-2] + (-1,)))
 
-        # chunks over the first residue axis as OpenFold; params are created unchunked
+        # chunks over the first residue axis as OpenFold
         outer = chunk_layer(opm, [a, b[..., None, :, :, :]],
-                            None if self.is_initializing() else chunk_size, a.ndim - 2)
+                            runtime_chunk_size(self, chunk_size), a.ndim - 2)
         # [*, N_res, N_res, 1]
         norm = jnp.einsum("...abc,...adc->...bdc", mask, mask) + self.eps
         return (outer / norm).astype(self.dtype)

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from molfun_jax.model.primitives import LayerNorm, Linear, chunk_layer
+from molfun_jax.model.primitives import LayerNorm, Linear, chunk_layer, runtime_chunk_size
 
 Array = jax.Array
 
@@ -26,8 +26,7 @@ def transition(module: nn.Module, x: Array, mask: Optional[Array], chunk_size: O
         return y * mask_[0][..., None].astype(y.dtype) if mask_ else y
 
     args = [x] if mask is None else [x, jnp.broadcast_to(mask, x.shape[:-1])]
-    # params are created unchunked (no lax.map at init)
-    return chunk_layer(fn, args, None if module.is_initializing() else chunk_size, x.ndim - 2)
+    return chunk_layer(fn, args, runtime_chunk_size(module, chunk_size), x.ndim - 2)
 
 
 class PairTransition(nn.Module):

@@ -83,6 +83,12 @@ class LayerNorm(nn.Module):
         return y.astype(x.dtype)
 
 
+def runtime_chunk_size(module: nn.Module, chunk_size: Optional[int]) -> Optional[int]:
+    """`chunk_size`, or None while `module` initialises: params are created unchunked (no
+    lax.map at init)."""
+    return None if module.is_initializing() else chunk_size
+
+
 def chunk_layer(fn: Callable[..., Array], args: Sequence[Array], chunk_size: Optional[int],
                 no_batch_dims: int) -> Array:
     """Apply a pure `fn(*args)` in chunks over the leading `no_batch_dims` axes (lax.map).

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from molfun_jax.model.dropout import DropoutColumnwise, DropoutRowwise
-from molfun_jax.model.evoformer import FromConfigMixin, add, scan_blocks
 from molfun_jax.model.pair_transition import PairTransition
 from molfun_jax.model.primitives import Attention, LayerNorm
+from molfun_jax.model.scan import FromConfigMixin, add, scan_blocks
 from molfun_jax.model.triangular_attention import TriangleAttentionEndingNode, TriangleAttentionStartingNode
 from molfun_jax.model.triangular_multiplicative_update import (TriangleMultiplicationIncoming,
                                                                TriangleMultiplicationOutgoing)

@@ -35,7 +35,7 @@ from molfun_jax.lora import init_lora
 from molfun_jax.model import AlphaFold
 from molfun_jax.training.distributed import DATA_AXIS
 from molfun_jax.training.guard import keep_if_finite
-from molfun_jax.training.strategies import Plan, Strategy
+from molfun_jax.training.strategies import BLOCKS, EMBEDDERS, Plan, Strategy
 
 Array = jax.Array
 # batch keys that are not model inputs
@@ -60,10 +60,13 @@ class AffinityModel:
     `trunk_dropout`: run the trunk's own dropout (OpenFold's rates) while training; off by
     default (the trunk is run deterministically; the head's dropout and the LoRA dropout still
     apply when an RNG is given).
+    `frozen_blocks`: the first k Evoformer blocks run forward-only (`AlphaFold(frozen_blocks=k)`);
+    None: `make_train_step` takes k from the plan (Partial: the blocks below the trained ones).
     """
     config: mlc.ConfigDict
     head_config: HeadConfig = HeadConfig()
     trunk_dropout: bool = False
+    frozen_blocks: Optional[int] = None
 
     @property
     def head(self) -> AffinityHead:
@@ -84,7 +87,7 @@ class AffinityModel:
         if variables.get("lora"):
             coll["lora"] = variables["lora"]
         deterministic = rng is None or not self.trunk_dropout
-        out = AlphaFold(self.config).apply(coll, ex, deterministic=deterministic,
+        out = AlphaFold(self.config).apply(coll, ex, deterministic=deterministic, frozen_blocks=self.frozen_blocks or 0,
                                            rngs={"dropout": rng} if rng is not None else None)
         return out["single"] if self.head_config.source == "evoformer" else out["sm"]["single"]
 
@@ -114,6 +117,15 @@ def eval_params(state: Mapping[str, Any]) -> Any:
     return state["ema"] if "ema" in state else state["trainable"]
 
 
+def frozen_blocks(plan: Plan) -> int:
+    """How many leading Evoformer blocks need no backward under `plan`: the first trained block
+    of the stack (Partial), 0 when any trained leaf sits in or below the first block (LoRA,
+    Full), `no_blocks` when nothing in or below the stack trains (head-only)."""
+    starts = [r.start for p, r in plan.rules.items() if p[1:3] == BLOCKS[1:]]
+    below = any(p[0] in ("trunk", "lora") and p[1] in EMBEDDERS for p in plan.rules)
+    return 0 if below else min(starts, default=plan.no_blocks)
+
+
 def _features(batch: Mapping[str, Array]) -> dict[str, Array]:
     return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
 
@@ -125,6 +137,8 @@ def make_train_step(model: AffinityModel, plan: Plan, tx: optax.GradientTransfor
     metrics: weighted mean `loss`, `weight` (real examples), `grad_norm` (before clipping) and
     `skipped` (1 when the loss or grad_norm was not finite and the update was dropped)."""
     hc = model.head_config
+    if model.frozen_blocks is None:
+        model = dataclasses.replace(model, frozen_blocks=frozen_blocks(plan))
 
     def local_step(state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
         k, n_local = batch["weight"].shape[:2]

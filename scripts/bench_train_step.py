@@ -1,0 +1,378 @@
+"""Train step: molfun_jax (JAX, jit) vs the equivalent OpenFold (PyTorch) step, side by side.
+
+Each side runs in its own process (peak RSS is per side). Both get the same randomised OpenFold
+weights (converted with `convert.torch_to_flax`), the same LoRA adapters (rank 8 on the
+Evoformer's `linear_q`/`linear_v`; on OpenFold's side wrappers around those Linears), the same
+affinity head (mean pooling, dropout off) and MSE loss, one example of a real chain cropped to
+N, 0 recycles, trunk dropout off. OpenFold's block checkpointing is made non-reentrant
+(`torch.utils.checkpoint(use_reentrant=False)`; the reentrant default gives the adapters no
+gradient under a frozen trunk). The first step's loss and gradient norm must agree.
+
+    python scripts/bench_train_step.py [--strategies lora,partial,full] [--n 64,128] [--remat on,off]
+    python scripts/bench_train_step.py --compile-only [--n 128,256,384,512]   # XLA memory plans
+    python scripts/bench_train_step.py --strategies partial,partial_unsplit --sides ours --remat on
+        # partial_unsplit: Partial back-propagating through every block (the path before the split)
+
+Time is the median of `--repeats` steps after one warm-up step.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util  # noqa: F401  (openfold.config needs it)
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+RANK, ALPHA, LORA_TARGETS = 8, 16.0, ("linear_q", "linear_v")
+TARGET = 0.5
+LR = 1e-4
+PARTIAL_N = 4  # Partial trains the last 4 Evoformer blocks
+
+
+def rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def chain_features(chain: str, n: int) -> dict[str, np.ndarray]:
+    from molfun_jax.data import make_features, parse_structure
+    from molfun_jax.data.buckets import crop_features
+    path = ROOT.parent / "shared" / "fixtures" / "structures" / "chains" / f"{chain}.pdb.gz"
+    feats = {k: np.asarray(v) for k, v in make_features(parse_structure(path)).items()}
+    n_res = feats["aatype"].shape[0]
+    if n > n_res:
+        raise SystemExit(f"{path}: chain has {n_res} residues, cannot crop to N={n}")
+    return crop_features(feats, np.arange(n))
+
+
+def bench_config(preset: str, remat: bool, dtype: str = "float32", policy: str | None = None):
+    from molfun_jax.config import model_config
+    cfg = model_config(preset, train=True)
+    cfg.globals.num_recycles = 0
+    cfg.globals.remat = remat
+    cfg.globals.dtype = dtype
+    if policy is not None:
+        cfg.globals.remat_policy = policy
+    return cfg
+
+
+# --- shared inputs (written once by the parent) --------------------------------------------------
+def write_inputs(preset: str, seed: int, folder: Path) -> None:
+    """OpenFold's randomised state dict, its Flax conversion, LoRA adapters (b random, so `a`
+    gets a gradient too) and head params, as files both sides read."""
+    import jax
+    import torch
+    from flax import traverse_util
+    from openfold.model.model import AlphaFold as OFAlphaFold
+
+    from convert.torch_to_flax import torch_to_flax
+    from molfun_jax.heads import HeadConfig
+    from molfun_jax.lora import LoRAConfig, init_lora
+    from molfun_jax.training import AffinityModel
+    from tests.reference import randomize_
+    from tests.test_model import openfold_config
+
+    cfg = bench_config(preset, remat=False)
+    torch.manual_seed(seed)
+    ref = randomize_(OFAlphaFold(openfold_config(cfg)), seed)
+    torch.save(ref.state_dict(), folder / "openfold.pt")
+    trunk = torch_to_flax(ref.state_dict(), cfg)
+    del ref
+    k_lora, k_b, k_head = jax.random.split(jax.random.PRNGKey(seed), 3)
+    lora = init_lora(trunk, LoRAConfig(rank=RANK, alpha=ALPHA, target_modules=LORA_TARGETS), k_lora)
+    flat_lora = traverse_util.flatten_dict(lora)
+    for i, p in enumerate(p for p in flat_lora if p[-1] == "b"):
+        flat_lora[p] = 0.02 * jax.random.normal(jax.random.fold_in(k_b, i), flat_lora[p].shape)
+    head = AffinityModel(cfg, HeadConfig(dropout=0.0, pooling="mean")).init_variables(
+        trunk, _strategy("partial"), k_head)["head"]
+    tree = {"trunk": trunk, "head": head, "lora": traverse_util.unflatten_dict(flat_lora)}
+    np.savez(folder / "variables.npz",
+             **{"/".join(p): np.asarray(v) for p, v in traverse_util.flatten_dict(tree).items()})
+
+
+def load_variables(folder: Path, with_lora: bool) -> dict:
+    from flax import traverse_util
+    with np.load(folder / "variables.npz") as f:
+        tree = traverse_util.unflatten_dict({tuple(k.split("/")): f[k] for k in f.files})
+    tree.setdefault("lora", {})
+    if not with_lora:
+        tree["lora"] = {}
+    return tree
+
+
+def _strategy(name: str):
+    from molfun_jax.training import Full, LoRA, Partial
+    return {"lora": lambda: LoRA(rank=RANK, alpha=ALPHA, target_modules=LORA_TARGETS, amp=False),
+            "partial": lambda: Partial(unfreeze_last_n=PARTIAL_N, amp=False),
+            "partial_unsplit": lambda: Partial(unfreeze_last_n=PARTIAL_N, amp=False),
+            "full": lambda: Full(amp=False)}[name]()
+
+
+# --- our side ------------------------------------------------------------------------------------
+def run_ours(job: dict, folder: Path) -> dict:
+    import jax
+    from molfun_jax.heads import HeadConfig
+    from molfun_jax.training import (AffinityModel, data_mesh, init_state, make_batches, make_train_step,
+                                     replicate, shard_batch)
+
+    cfg = bench_config(job["preset"], job["remat"], job["dtype"], job.get("policy"))
+    strategy = _strategy(job["strategy"])
+    variables = load_variables(folder, job["strategy"] == "lora")
+    split = {"frozen_blocks": 0} if job["strategy"] == "partial_unsplit" else {}
+    model = AffinityModel(cfg, HeadConfig(dropout=0.0, pooling="mean"), **split)
+    plan = strategy.plan(variables)
+    tx = plan.optimizer(100)
+    mesh = data_mesh()
+    state, frozen = init_state(plan, variables, tx, jax.random.PRNGKey(0))
+    state, frozen = replicate(state, mesh), replicate(frozen, mesh)
+    del variables
+    ex = dict(chain_features(job["chain"], job["n"]), target=np.float32(TARGET))
+    batch = shard_batch(make_batches([ex], 1, 1)[0], mesh, 1)
+    step = make_train_step(model, plan, tx, mesh)
+    t0 = time.perf_counter()
+    lowered = step.lower(state, frozen, batch)
+    compiled = lowered.compile()
+    out = {"compile_s": time.perf_counter() - t0, **memory_plan(compiled)}
+    if job.get("compile_only"):
+        return out
+    times = []
+    for i in range(job["repeats"] + 1):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+        if i == 0:
+            out.update(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]))
+    out.update(step_s=statistics.median(times[1:]), rss_gib=rss_gib())
+    if job.get("forward"):
+        out["forward_s"] = time_forward(model, state, frozen, plan, ex, job["repeats"])
+    return out
+
+
+def memory_plan(compiled) -> dict:
+    """XLA's buffer plan of a compiled computation, GiB (temporaries; arguments + outputs - aliased)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    g = 2**30
+    return {"xla_temp_gib": m.temp_size_in_bytes / g,
+            "xla_total_gib": (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+                              - m.alias_size_in_bytes) / g}
+
+
+def time_forward(model, state, frozen, plan, ex, repeats: int) -> float:
+    """Our forward alone (trunk + head prediction of the same example), the step's yardstick."""
+    import jax
+    from molfun_jax.training.step import LABEL_KEYS
+    feats = {k: v for k, v in ex.items() if k not in LABEL_KEYS}
+    fwd = jax.jit(lambda t, f, x: model.predict(plan.combine(t, f), x))
+    fwd(state["trainable"], frozen, feats).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fwd(state["trainable"], frozen, feats).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# --- OpenFold's side -----------------------------------------------------------------------------
+def run_openfold(job: dict, folder: Path) -> dict:
+    import functools
+
+    import torch
+    import torch.nn.functional as F
+    import torch.utils.checkpoint
+    from openfold.model.model import AlphaFold as OFAlphaFold
+
+    from tests.test_model import openfold_config, to_openfold_batch
+
+    torch.utils.checkpoint.checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    cfg = bench_config(job["preset"], job["remat"])
+    oc = openfold_config(cfg)
+    oc.model.evoformer_stack.blocks_per_ckpt = 1 if job["remat"] else None
+    oc.model.extra_msa.extra_msa_stack.ckpt = job["remat"]
+    oc.model.template.template_pair_stack.blocks_per_ckpt = 1 if job["remat"] else None
+    model = OFAlphaFold(oc)
+    model.load_state_dict(torch.load(folder / "openfold.pt"))
+    model.eval()  # dropout off, as ours; gradients stay enabled
+    for p in model.parameters():
+        p.requires_grad_(False)
+    variables = load_variables(folder, True)
+    t = lambda x: torch.from_numpy(np.array(x, np.float32))
+    trainable: list[torch.nn.Parameter] = []
+    if job["strategy"] == "lora":
+        trainable += wrap_lora(model, variables["lora"], t)
+    elif job["strategy"].startswith("partial"):
+        for blk in model.evoformer.blocks[-PARTIAL_N:]:
+            trainable += list(blk.parameters())
+        trainable += list(model.evoformer.linear.parameters())
+    else:  # full: everything the affinity loss reaches (not the aux heads / structure module)
+        trainable += [p for n, p in model.named_parameters()
+                      if not n.startswith(("aux_heads.", "structure_module."))]
+    for p in trainable:
+        p.requires_grad_(True)
+    head = {k: torch.nn.Parameter(t(v)) for k, v in
+            {"ln_w": variables["head"]["layer_norm"]["scale"], "ln_b": variables["head"]["layer_norm"]["bias"],
+             "w1": variables["head"]["linear_1"]["kernel"], "b1": variables["head"]["linear_1"]["bias"],
+             "w2": variables["head"]["linear_2"]["kernel"], "b2": variables["head"]["linear_2"]["bias"]}.items()}
+    trainable += list(head.values())
+    del variables
+    feats = chain_features(job["chain"], job["n"])
+    batch = to_openfold_batch(feats, 1)
+    seq_mask = torch.from_numpy(feats["seq_mask"]).float()
+    opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.01)
+
+    def step() -> tuple[float, float]:
+        opt.zero_grad(set_to_none=True)
+        s = model(batch)["single"]  # [N, C_s]
+        s = F.layer_norm(s, (s.shape[-1],), head["ln_w"], head["ln_b"], eps=1e-5)
+        pooled = (s * seq_mask[:, None]).sum(0) / seq_mask.sum().clamp(min=1.0)
+        pred = (torch.relu(pooled @ head["w1"] + head["b1"]) @ head["w2"] + head["b2"])[0]
+        loss = (pred - TARGET) ** 2
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        return float(loss), float(gn)
+
+    times, out = [], {}
+    for i in range(job["repeats"] + 1):
+        t0 = time.perf_counter()
+        loss, gn = step()
+        times.append(time.perf_counter() - t0)
+        if i == 0:
+            out.update(loss=loss, grad_norm=gn)
+    out.update(step_s=statistics.median(times[1:]), rss_gib=rss_gib())
+    return out
+
+
+def wrap_lora(model, lora: dict, t) -> list:
+    """Replace each adapted Linear of every Evoformer block by base + scale * (x @ a) @ b."""
+    import torch
+    from flax import traverse_util
+
+    class LoRALinear(torch.nn.Module):
+        def __init__(self, base: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float):
+            super().__init__()
+            self.base, self.scale = base, scale
+            self.a, self.b = torch.nn.Parameter(a), torch.nn.Parameter(b)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.base(x) + self.scale * ((x @ self.a) @ self.b)
+
+    params = []
+    flat = traverse_util.flatten_dict(lora["evoformer"]["blocks"])
+    for path in {p[:-1] for p in flat}:
+        a, b, scale = flat[path + ("a",)], flat[path + ("b",)], flat[path + ("scale",)]
+        for i, blk in enumerate(model.evoformer.blocks):
+            parent = functools_reduce(getattr, path[:-1], blk)
+            wrapped = LoRALinear(getattr(parent, path[-1]), t(a[i]), t(b[i]), float(scale[i]))
+            setattr(parent, path[-1], wrapped)
+            params += [wrapped.a, wrapped.b]
+    return params
+
+
+def functools_reduce(fn, seq, init):
+    import functools
+    return functools.reduce(fn, seq, init)
+
+
+# --- driver --------------------------------------------------------------------------------------
+def worker(side: str, job: dict, folder: Path) -> dict:
+    """Run one job in a fresh process; its result dict (or {'error': ...})."""
+    cmd = [sys.executable, __file__, "--worker", side, "--job", json.dumps(job), "--folder", str(folder)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]}
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="model_1_ptm")
+    ap.add_argument("--chain", default="2gu3A")
+    ap.add_argument("--strategies", default="lora,partial,full",
+                    help="lora, partial, partial_unsplit (ours through every block), full")
+    ap.add_argument("--n", default="64", help="comma-separated crop sizes")
+    ap.add_argument("--remat", default="on,off", help="'on', 'off' or both")
+    ap.add_argument("--policy", default=None, help="globals.remat_policy override (ours)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--sides", default="ours,openfold")
+    ap.add_argument("--forward", action="store_true", help="ours: also time the forward (LoRA rows)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="ours only: XLA memory plans (fp32 and bf16) of the LoRA step, remat on")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        job, folder = json.loads(args.job), Path(args.folder)
+        res = run_ours(job, folder) if args.worker == "ours" else run_openfold(job, folder)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    ns = [int(x) for x in args.n.split(",")]
+    remats = [r == "on" for r in args.remat.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        t0 = time.perf_counter()
+        write_inputs(args.preset, args.seed, folder)
+        print(f"inputs written in {time.perf_counter() - t0:.0f} s; preset {args.preset}, chain {args.chain}, "
+              f"0 recycles, LoRA r{RANK} {'/'.join(LORA_TARGETS)}; machine load "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+        base = {"preset": args.preset, "chain": args.chain, "repeats": args.repeats, "policy": args.policy}
+        if args.compile_only:
+            print(f"{'N':>5} {'dtype':>9} {'compile s':>10} {'XLA temp GiB':>13} {'XLA total GiB':>14}")
+            for n in ns:
+                for dtype in ("float32", "bfloat16"):
+                    r = worker("ours", dict(base, strategy="lora", n=n, remat=True, dtype=dtype,
+                                            compile_only=True), folder)
+                    print(f"{n:>5} {dtype:>9} {fmt(r.get('compile_s'), '10.1f')} "
+                          f"{fmt(r.get('xla_temp_gib'), '13.2f')} {fmt(r.get('xla_total_gib'), '14.2f')}"
+                          + (f"  {r['error']}" if "error" in r else ""), flush=True)
+            return
+        print(f"{'strategy':>15} {'N':>4} {'remat':>5} | {'compile':>7} {'step s':>7} {'RSS GiB':>7} "
+              f"{'XLA GiB':>7} {'fwd s':>6} | {'OF step':>7} {'OF RSS':>6} | {'speed':>6} {'mem':>6} | "
+              f"{'loss rel':>8} {'|g| rel':>8}")
+        for strat in args.strategies.split(","):
+            for n in ns:
+                for remat in remats:
+                    job = dict(base, strategy=strat, n=n, remat=remat, dtype="float32",
+                               forward=args.forward and strat == "lora")
+                    o = worker("ours", job, folder) if "ours" in args.sides else {}
+                    r = worker("openfold", job, folder) if "openfold" in args.sides else {}
+                    ratio = lambda a: (r[a] / o[a]) if a in r and a in o else None
+                    rel = lambda a: abs(o[a] - r[a]) / max(abs(r[a]), 1e-30) if a in r and a in o else None
+                    print(f"{strat:>15} {n:>4} {'on' if remat else 'off':>5} | {fmt(o.get('compile_s'), '7.1f')} "
+                          f"{fmt(o.get('step_s'), '7.2f')} {fmt(o.get('rss_gib'), '7.2f')} "
+                          f"{fmt(o.get('xla_total_gib'), '7.2f')} {fmt(o.get('forward_s'), '6.2f')} | "
+                          f"{fmt(r.get('step_s'), '7.2f')} {fmt(r.get('rss_gib'), '6.2f')} | "
+                          f"{fmt(ratio('step_s'), '6.2f')} {fmt(ratio('rss_gib'), '6.2f')} | "
+                          f"{fmt(rel('loss'), '8.1e')} {fmt(rel('grad_norm'), '8.1e')}", flush=True)
+                    for side, d in (("ours", o), ("openfold", r)):
+                        if "error" in d:
+                            print(f"    {side} failed: {d['error']}")
+                        elif d:
+                            print(f"    {side}: loss {d.get('loss'):.6e} grad_norm {d.get('grad_norm'):.6e}")
+        print("speed = OpenFold step / ours; mem = OpenFold peak RSS / ours; rel = |ours - OpenFold| / |OpenFold|")
+
+
+if __name__ == "__main__":
+    main()
