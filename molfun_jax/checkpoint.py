@@ -1,4 +1,4 @@
-"""Training checkpoints with orbax (DESIGN.md section 11).
+"""Training checkpoints with orbax (docs/architecture.md).
 
 A run folder holds
 

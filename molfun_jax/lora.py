@@ -1,4 +1,4 @@
-"""LoRA adapters as their own pytree (DESIGN.md section 7).
+"""LoRA adapters as their own pytree (docs/architecture.md).
 
 The adapters live in the Flax collection `lora`, at the same path as the Dense they adapt:
 `lora['evoformer']['blocks']['msa_att_row']['mha']['linear_q'] = {a, b, scale[, dropout]}`, and

@@ -216,5 +216,5 @@ def test_defaults_and_serialisation():
         with pytest.raises(ValueError):
             bad()
     with pytest.raises(TypeError):
-        LoRA(4)  # keyword-only, as the seed's API
+        LoRA(4)  # keyword-only arguments
     assert HeadConfig().to_dict()["hidden_dim"] == 128

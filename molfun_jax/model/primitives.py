@@ -36,7 +36,7 @@ class Linear(nn.Module):
     """Dense layer with AlphaFold's initialisers (`init` as in OpenFold's Linear).
 
     When the `lora` collection holds `{a: [in, r], b: [r, out], scale: []}` for this layer, the
-    low-rank update `scale * (x @ a) @ b` is added (DESIGN.md section 7); the base kernel is untouched.
+    low-rank update `scale * (x @ a) @ b` is added (docs/architecture.md); the base kernel is untouched.
     An optional `dropout: []` leaf (the LoRA dropout rate) drops elements of the adapter's input x
     when the apply has a 'dropout' RNG.
     """

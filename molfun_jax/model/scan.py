@@ -1,7 +1,7 @@
 """Scanned block stacks shared by the Evoformer, extra-MSA and template pair stacks: one block
 `nn.scan`-ned over a leading block axis of its params (`blocks/...`, stacked [no_blocks, ...]),
 optionally `nn.remat`-ed, so the block is traced and compiled once whatever the depth
-(DESIGN.md section 3)."""
+(docs/architecture.md)."""
 from __future__ import annotations
 
 import functools

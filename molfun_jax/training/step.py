@@ -1,5 +1,5 @@
-"""The model as pure functions, the train state, and the one jitted train step (DESIGN.md
-section 9).
+"""The model as pure functions, the train state, and the one jitted train step
+(docs/architecture.md).
 
 Train state (a plain pytree): `{'step', 'trainable', 'opt_state', 'rng'[, 'ema']}`; the frozen
 subtree (`Plan.split`) is a separate, non-differentiated argument of the step, so the gradient is
