@@ -204,7 +204,7 @@ def resolve_entry(folder: PathLike, pdb_id: str, *, use_pocket_files: bool = Fal
                                  path=sub)
             if not use_pocket_files:
                 raise EntryError(pdb_id, f"no protein file {pdb_id}_protein.pdb; only the pocket file "
-                                         f"{pocket.name} (use the pocket files option to train on it)", path=sub)
+                                         f"{pocket.name} (--use-pocket-files, use_pocket_files=True, uses it instead)", path=sub)
             protein, used_pocket = pocket, True
         if ligand is None:
             raise EntryError(pdb_id, f"no ligand file {pdb_id}_ligand.sdf|.mol2", path=sub)

@@ -138,6 +138,15 @@ def cache_trunk(model: AffinityModel, variables: Mapping[str, Any], examples: Se
     return out  # type: ignore[return-value]
 
 
+def cache_entry_bytes(example: Example, c_s: int) -> int:
+    """Bytes one entry takes in the head-only cache: its trunk output `single` [N_res, c_s]
+    float32, the head inputs it keeps (`HEAD_INPUT_KEYS`; the ligand head's pose and graph) and
+    its target. No pair representation is cached."""
+    n_res = np.shape(example["seq_mask"])[-1]
+    kept = sum(np.asarray(example[k]).nbytes for k in HEAD_INPUT_KEYS[1:] if k in example)
+    return n_res * c_s * 4 + kept + 4
+
+
 @dataclasses.dataclass
 class FitResult:
     """What `fit` returns. `variables` are the best epoch's (EMA ones when EMA is on) combined
