@@ -184,6 +184,7 @@ def ligand_run(tmp_path_factory, one_bucket, fast_weights):
     return model, run
 
 
+@pytest.mark.slow  # ~75 s on a 2-core CPU (a LoRA fit, save, load, export)
 def test_checkpoint_records_the_head_and_refuses_another(ligand_run, one_bucket, fast_weights, tmp_path):
     model, run = ligand_run
     meta = ckpt.read_meta(ckpt.locate(run))
