@@ -203,3 +203,22 @@ def test_checkpoint_records_the_head_and_refuses_another(ligand_run, one_bucket,
     assert json.loads((out / "meta.json").read_text())["head"]["kind"] == "ligand"
     ref, got = model.predict(one_bucket), exported.predict(one_bucket)
     assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) <= 1e-5
+
+
+def test_head_choice_of_the_cli(pdbbind):
+    import argparse
+
+    from molfun_jax.cli.train import choose_head, parse_args
+
+    info = {"n_loaded": 6, "n_ligands": 6, "has_ligands": True}
+    ns = argparse.Namespace(head=None, demo=False)
+    assert choose_head(ns, info) == ("ligand", "every entry has a ligand (6 of 6); --head pocket for the "
+                                               "protein-only head")
+    assert choose_head(argparse.Namespace(head="pocket", demo=False), info)[0] == "pocket"
+    partial = {"n_loaded": 6, "n_ligands": 4, "has_ligands": False}
+    assert choose_head(ns, partial) == ("pocket", "2 of 6 entries have no ligand file or named ligand")
+    with pytest.raises(ValueError, match="--head ligand needs a ligand for every entry; 2 of 6 have none"):
+        choose_head(argparse.Namespace(head="ligand", demo=False), partial)
+    a = parse_args(["--data", str(INDEX), "--pdbs", str(PDBBIND), "--head", "ligand", "--max-resolution", "2.5",
+                    "--min-year", "2000", "--drop-ic50", "--use-pocket-files", "--output", "/nonexistent/p2a"])
+    assert (a.head, a.max_resolution, a.min_year, a.drop_ic50, a.use_pocket_files) == ("ligand", 2.5, 2000, True, True)
