@@ -122,7 +122,8 @@ def evaluate(predict_step: Callable, trainable: Any, frozen: Any, examples: Sequ
 def cache_trunk(model: AffinityModel, variables: Mapping[str, Any], examples: Sequence[Example],
                 batch_size: int, mesh: Mesh) -> list[dict]:
     """Head-only fast path: each example's trunk output computed once (deterministic) and kept
-    with what the head needs (`single`, `seq_mask`, `pocket_mask`, `target`)."""
+    with what the head needs (`single`, `seq_mask`, `pocket_mask`, the ligand head's pose and
+    graph when present: `HEAD_INPUT_KEYS`; `target`). Memory: `cache_entry_bytes`."""
     single_step = make_single_step(model, mesh)
     variables = replicate(variables, mesh)
     exs = [{**e, "_index": np.int32(i)} for i, e in enumerate(examples)]
