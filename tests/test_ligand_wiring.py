@@ -222,3 +222,13 @@ def test_head_choice_of_the_cli(pdbbind):
     a = parse_args(["--data", str(INDEX), "--pdbs", str(PDBBIND), "--head", "ligand", "--max-resolution", "2.5",
                     "--min-year", "2000", "--drop-ic50", "--use-pocket-files", "--output", "/nonexistent/p2a"])
     assert (a.head, a.max_resolution, a.min_year, a.drop_ic50, a.use_pocket_files) == ("ligand", 2.5, 2000, True, True)
+
+
+def test_prediction_entries_of_a_pdbbind_folder_without_data():
+    from molfun_jax.data import read_entries
+
+    entries, bad = read_entries(None, PDBBIND, labelled=False)
+    assert sorted(e.pdb_id for e in entries) == sorted(set(_index_lines()) - {"1ps3"})
+    assert all(e.target is None and e.layout == "pdbbind" and e.ligand_file.suffix == ".sdf" for e in entries)
+    assert [b.pdb_id for b in bad] == ["1ps3"]
+    assert {e.pdb_id: e.ligand_fallback is not None for e in entries}["4x6p"]  # its .mol2
