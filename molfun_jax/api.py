@@ -29,7 +29,9 @@ import numpy as np
 from molfun_jax import checkpoint as ckpt
 from molfun_jax import lora as lora_lib
 from molfun_jax.config import config_from_dict, config_to_dict, model_config
+from molfun_jax.data.ligand import LigandConfig
 from molfun_jax.heads.affinity import HeadConfig, TargetNorm
+from molfun_jax.heads.registry import head_config_from_dict, head_kind
 from molfun_jax.pretrained import count_params, load_base_weights, rebuild_base_weights, versions
 from molfun_jax.tracking import Tracker, epoch_metrics, step_metrics
 from molfun_jax.training import (MAX_SKIPPED_STEPS, AffinityModel, HeadOnly, LoRA, Strategy, check_finite_examples,
@@ -46,12 +48,14 @@ class MolfunStructureModel:
     strategy: `HeadOnly`, `LoRA` (default), `Partial` or `Full` (`molfun_jax.training`).
     weights: None (random), an OpenFold `.pt` or a converted folder.
     num_recycles: None = the preset's. seed: head / adapter init, data order, dropout (and the
-    trunk init without weights).
+    trunk init without weights). head_config: any registered head's config (`HeadConfig`, the
+    pocket head, by default; `LigandHeadConfig`, the ligand head). ligand_config: the ligand
+    featurisation the examples were made with (recorded in meta for the ligand head).
     """
 
     def __init__(self, preset: str = "model_1_ptm", strategy: Optional[Strategy] = None, *,
                  weights: Optional[str | Path] = None, num_recycles: Optional[int] = None,
-                 head_config: Optional[HeadConfig] = None, seed: int = 0,
+                 head_config: Optional[Any] = None, ligand_config: Optional[LigandConfig] = None, seed: int = 0,
                  config: Optional[mlc.ConfigDict] = None, cache_dir: Optional[str | Path] = None,
                  log: Optional[Callable[[str], None]] = None, data_info: Optional[Mapping[str, Any]] = None,
                  _base: Optional[tuple[dict, dict]] = None) -> None:
@@ -63,6 +67,8 @@ class MolfunStructureModel:
             self.config.globals.num_recycles = int(num_recycles)
         self.strategy = strategy if strategy is not None else LoRA()
         self.head_config = head_config or HeadConfig()
+        head_kind(self.head_config)  # a registered head
+        self.ligand_config = ligand_config or LigandConfig()
         self.seed = int(seed)
         trunk, self.base_weights = _base or load_base_weights(weights, self.config, preset, self.seed, cache_dir, log)
         self.variables = AffinityModel(self.config, self.head_config).init_variables(
@@ -95,6 +101,7 @@ class MolfunStructureModel:
         lcfg = self.strategy.lora_config()
         return {"format": ckpt.FORMAT, "preset": self.preset, "model_config": config_to_dict(self.config),
                 "strategy": s, "head": self.head_config.to_dict(),
+                "ligand_features": self.ligand_config.meta() if head_kind(self.head_config).input_keys else None,
                 "lora": lcfg.to_dict() if lcfg is not None else None,
                 "norm": self.norm.to_dict(), "base_weights": self.base_weights, "seed": self.seed,
                 "data": self.data_info,
@@ -106,10 +113,12 @@ class MolfunStructureModel:
         return {"preset": meta.get("preset"),
                 "strategy": {k: v for k, v in (meta.get("strategy") or {}).items() if k in structural},
                 "model_config": (meta.get("model_config") or {}).get("model"),
-                "head": meta.get("head"), "lora": meta.get("lora")}
+                "head": head_config_from_dict(meta["head"]).to_dict() if meta.get("head") else None,
+                "lora": meta.get("lora")}
 
     def check_checkpoint(self, meta: Mapping[str, Any], source: str = "checkpoint") -> None:
-        """Refuse a checkpoint of another preset / strategy / config (CheckpointError)."""
+        """Refuse a checkpoint of another head, preset / strategy / config (CheckpointError)."""
+        check_head(meta, self.head_config.kind, source)
         ckpt.check_compatible(self._compat(meta), self._compat(self.meta()), source)
 
     # --- training ---------------------------------------------------------------------------
@@ -288,22 +297,29 @@ class MolfunStructureModel:
 
     @classmethod
     def load(cls, path: str | Path, *, weights: Optional[str | Path] = None, preset: Optional[str] = None,
-             strategy: Optional[str] = None) -> "MolfunStructureModel":
+             strategy: Optional[str] = None, head: Optional[str] = None) -> "MolfunStructureModel":
         """Rebuild a model from a checkpoint, run folder (its best epoch) or export. `preset` /
-        `strategy` (names), when given, must match the checkpoint's."""
+        `strategy` / `head` (names), when given, must match the checkpoint's."""
         p = ckpt.locate(path)
         meta = ckpt.read_meta(p)
+        if head is not None:
+            check_head(meta, head, str(p))
         got = {"preset": meta["preset"], "strategy": meta["strategy"]["name"]}
         for k, v in (("preset", preset), ("strategy", strategy)):
             if v is not None and v != got[k]:
                 raise ckpt.CheckpointError(f"{p} holds a {got['preset']!r} model fine-tuned with strategy "
                                            f"{got['strategy']!r}; it cannot be loaded as {k} {v!r}")
         config = config_from_dict(meta["model_config"])
-        head = HeadConfig(**meta["head"])
+        head = head_config_from_dict(meta["head"])
+        lig = meta.get("ligand_features")
+        try:
+            ligand = LigandConfig.from_meta(lig) if lig else None
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{p}: {e}") from None
         if ckpt.is_export(p):
             params, head_params, _ = ckpt.read_export(p)
             m = cls(meta["preset"], HeadOnly(amp=meta["compute_dtype"] == "bfloat16"), config=config,
-                    head_config=head, seed=meta.get("seed", 0), data_info=meta.get("data"),
+                    head_config=head, ligand_config=ligand, seed=meta.get("seed", 0), data_info=meta.get("data"),
                     _base=(params, meta["base_weights"]))
             m.variables = {"trunk": params, "head": head_params, "lora": {}}
             m.norm = TargetNorm(**meta["norm"])
@@ -311,7 +327,7 @@ class MolfunStructureModel:
             return m
         strat = strategy_from_dict(meta["strategy"])
         base = rebuild_base_weights(meta["base_weights"], config, meta["preset"], weights)
-        m = cls(meta["preset"], strat, config=config, head_config=head, seed=meta["seed"],
+        m = cls(meta["preset"], strat, config=config, head_config=head, ligand_config=ligand, seed=meta["seed"],
                 data_info=meta.get("data"), _base=base)
         m.check_checkpoint(meta, str(p))
         m._load_trainable(p)
@@ -329,6 +345,15 @@ class MolfunStructureModel:
         finally:
             if self._merged is not None and not was_merged:
                 self.unmerge()
+
+
+def check_head(meta: Mapping[str, Any], kind: str, source: str = "checkpoint") -> None:
+    """Refuse a checkpoint whose head is not of `kind` (CheckpointError naming both)."""
+    got = (meta.get("head") or {}).get("kind", "pocket")
+    if got != kind:
+        raise ckpt.CheckpointError(f"{source} holds a model with the {got!r} affinity head; it cannot be loaded "
+                                   f"into the {kind!r} head (its params differ): use --head {got}, or train a new "
+                                   f"{kind} model")
 
 
 def export_checkpoint(src: str | Path, out: str | Path, weights: Optional[str | Path] = None) -> Path:

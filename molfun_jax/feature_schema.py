@@ -8,8 +8,10 @@ A feature missing from the schema cannot be padded or cropped (an error, never s
 Dims are ints (fixed sizes) or names. The names in `padded_dims` are padded with zeros (masks 0)
 to a size chosen per dim (a length bucket for N_res, a fixed depth for the MSA / template axes);
 `cropped_dim` (N_res) is the one that cropping selects along. Other names (C_tf, C_msa) are
-channel widths given by the model config. A new padded axis kind (e.g. atoms of a ligand, N_atom,
-with its own buckets) is one more name in `padded_dims` and a size for it when padding.
+channel widths given by the model config. `N_atom` (a ligand's heavy atoms) is padded to a
+ligand atom bucket (`molfun_jax.data.ligand.LigandConfig.buckets`): `pad_features(..., sizes=
+{N_ATOM: bucket})`. The ligand features' channel widths are fixed here (`LIGAND_ATOM_DIM`,
+`LIGAND_BOND_DIM`); `molfun_jax.data.ligand` checks that its one-hot layout has these widths.
 
 This module depends on numpy only, so that both `molfun_jax.model` and `molfun_jax.data` import it
 (the model package never imports the data package).
@@ -22,7 +24,7 @@ from typing import Iterable, Mapping, Union
 
 import numpy as np
 
-N_RES, N_SEQ, N_EXTRA, N_TEMPL = "N_res", "N_seq", "N_extra", "N_templ"
+N_RES, N_SEQ, N_EXTRA, N_TEMPL, N_ATOM = "N_res", "N_seq", "N_extra", "N_templ", "N_atom"
 C_TF, C_MSA = "C_tf", "C_msa"  # input embedder widths (config `tf_dim`, `msa_dim`)
 Dim = Union[int, str]
 Features = dict[str, np.ndarray]  # one example's (or a batch's) features by name
@@ -45,7 +47,7 @@ class FeatureSpec:
 class FeatureSchema:
     """Feature specs by name, the dims padded to given sizes, and the dim that cropping selects."""
     features: Mapping[str, FeatureSpec]
-    padded_dims: tuple[str, ...] = (N_RES, N_SEQ, N_EXTRA, N_TEMPL)
+    padded_dims: tuple[str, ...] = (N_RES, N_SEQ, N_EXTRA, N_TEMPL, N_ATOM)
     cropped_dim: str = N_RES
 
     def __post_init__(self) -> None:
@@ -87,6 +89,8 @@ class FeatureSchema:
 
 
 _F, _I = np.float32, np.int32
+# ligand atom / bond feature widths: the one-hot blocks of `molfun_jax.data.ligand` (checked there)
+LIGAND_ATOM_DIM, LIGAND_BOND_DIM = 45, 7
 _TEMPL_RES = (N_TEMPL, N_RES)
 FEATURE_SCHEMA = FeatureSchema({
     "aatype": FeatureSpec(_I, (N_RES,)),
@@ -113,4 +117,13 @@ FEATURE_SCHEMA = FeatureSchema({
     "residx_atom37_to_atom14": FeatureSpec(_I, (N_RES, 37)),
     "atom37_atom_exists": FeatureSpec(_F, (N_RES, 37)),
     "pocket_mask": FeatureSpec(_F, (N_RES,), model_input=False),
+    # the complex's pose (protein atoms in the ligand file's frame) and the ligand graph: read by
+    # the ligand head (`molfun_jax.heads.ligand`), present only in examples with a ligand
+    "all_atom_positions": FeatureSpec(_F, (N_RES, 37, 3), model_input=False),
+    "all_atom_mask": FeatureSpec(_F, (N_RES, 37), model_input=False),
+    "ligand_atom_feat": FeatureSpec(_F, (N_ATOM, LIGAND_ATOM_DIM), model_input=False),
+    "ligand_bond_feat": FeatureSpec(_F, (N_ATOM, N_ATOM, LIGAND_BOND_DIM), model_input=False),
+    "ligand_positions": FeatureSpec(_F, (N_ATOM, 3), model_input=False),
+    "ligand_mask": FeatureSpec(_F, (N_ATOM,), model_input=False),
+    "ligand_bond_orders_known": FeatureSpec(_F, (), model_input=False),
 })

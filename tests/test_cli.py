@@ -168,7 +168,8 @@ def test_splits(data_csv, tmp_path):
 
     def split(kind: str, csv_path: Path = data_csv) -> tuple:
         a = Namespace(data=csv_path, pdbs=CHAINS, features=None, max_len=16, val_frac=0.25, test_frac=0.25,
-                      split=kind, seed=0)
+                      split=kind, seed=0, use_pocket_files=False, max_resolution=None, min_year=None,
+                      max_year=None, drop_ic50=False)
         tr, va, te, info = load_splits(a)
         return [e["pdb_id"] for e in tr], [e["pdb_id"] for e in va], [e["pdb_id"] for e in te], info
 

@@ -51,7 +51,7 @@ def chains(tmp_path_factory) -> AffinityDataset:
 def test_from_csv_loads_the_25_chains(chains):
     assert len(chains) == 25 and not chains.bad and chains.ids == CHAIN_IDS
     assert chains.load_seconds < 30  # scripts/bench_data.py measures it (about 1 s)
-    assert {b: len(ix) for b, ix in chains.buckets().items()} == {128: 9, 256: 16}
+    assert {b: len(ix) for b, ix in chains.buckets().items()} == {(128, 0): 9, (256, 0): 16}  # no ligand atoms
     for e, ex in zip(chains.entries, chains):
         assert set(ex) == MODEL_KEYS | {"target"}
         assert ex["target"] == np.float32(e.target) and ex["aatype"].shape == (e.bucket,)
@@ -69,7 +69,7 @@ def test_batches_and_collate(chains):
         assert batch["msa_feat"].shape == (b, 1, n, 49) and batch["target"].shape == (b,)
         seen += batch["target"].tolist()
     assert sorted(seen) == sorted(chains.targets.tolist())
-    small, large = chains.buckets()[128][0], chains.buckets()[256][0]
+    small, large = chains.buckets()[(128, 0)][0], chains.buckets()[(256, 0)][0]
     with pytest.raises(ValueError, match="different buckets"):
         collate([chains[small], chains[large]])
 

@@ -13,15 +13,15 @@ import pytest
 from molfun_jax.config import model_config
 from molfun_jax.data import FEATURE_SCHEMA, FeatureSpec, crop_features, pad_features
 from molfun_jax.data.templates import empty_template_features
-from molfun_jax.feature_schema import N_RES, N_TEMPL
+from molfun_jax.feature_schema import N_ATOM, N_RES, N_TEMPL
 from molfun_jax.model import dummy_features
 from tests.conftest import ROOT
 
-N_ATOM = "N_atom"  # a second padded axis kind, as a ligand's atoms would be
+N_BOND = "N_bond"  # a padded axis kind the schema does not have
 EXTENDED = dataclasses.replace(FEATURE_SCHEMA.with_features(
     template_extra=FeatureSpec(np.float32, (N_TEMPL, N_RES, 5)),
-    ligand_positions=FeatureSpec(np.float32, (N_ATOM, 3), model_input=False),
-), padded_dims=(*FEATURE_SCHEMA.padded_dims, N_ATOM))
+    bond_lengths=FeatureSpec(np.float32, (N_BOND,), model_input=False),
+), padded_dims=(*FEATURE_SCHEMA.padded_dims, N_BOND))
 
 
 def test_added_feature_is_padded_and_cropped():
@@ -67,15 +67,15 @@ def test_default_empty_template():
 
 
 def test_undeclared_feature_is_an_error():
-    feats = {"aatype": np.zeros(4, np.int32), "ligand_positions": np.zeros((3, 3), np.float32)}
-    with pytest.raises(KeyError, match="'ligand_positions' is not in the feature schema"):
+    feats = {"aatype": np.zeros(4, np.int32), "bond_lengths": np.zeros(3, np.float32)}
+    with pytest.raises(KeyError, match="'bond_lengths' is not in the feature schema"):
         pad_features(feats, 8)
-    with pytest.raises(KeyError, match="'ligand_positions' is not in the feature schema"):
+    with pytest.raises(KeyError, match="'bond_lengths' is not in the feature schema"):
         crop_features(feats, np.arange(2))
     with pytest.raises(ValueError, match="'aatype' has shape \\(4, 1\\)"):
         pad_features({"aatype": np.zeros((4, 1), np.int32)}, 8)
     with pytest.raises(ValueError, match="N_atom"):
-        pad_features({"aatype": np.zeros(4, np.int32)}, 8, sizes={N_ATOM: 4})  # not a padded dim here
+        pad_features({"aatype": np.zeros(4, np.int32)}, 8, sizes={N_BOND: 4})  # not a padded dim here
     with pytest.raises(ValueError, match="crop before padding"):
         pad_features({"aatype": np.zeros(9, np.int32)}, 8)
 

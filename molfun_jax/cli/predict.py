@@ -2,12 +2,16 @@
 
     python scripts/predict.py runs/lora1 --data test.csv --pdbs structures/ --output preds.csv
     python scripts/predict.py exported/lora1 --pdbs structures/ --output preds.csv
+    python scripts/predict.py runs/lig1 --data pdbbind/INDEX_general_PL_data.2016 --pdbs pdbbind/
 
 CHECKPOINT: a run folder (its best epoch), `checkpoints/<epoch>`, `best/<epoch>`, a folder written
 by `MolfunStructureModel.save`, or a `scripts/export.py` folder. With `--data`, the CSV's
-`pdb_id` rows are predicted (optional `chain`, `ligand` columns as in training); when it has an
-`affinity` column, RMSE / MAE / Pearson / Spearman are printed and written to
-`<output>.metrics.json` with a scatter plot. Without `--data`, every structure of `--pdbs` is.
+`pdb_id` rows are predicted (optional `chain`, `ligand`, `ligand_file`, `smiles` columns as in
+training; or a PDBbind index file); when it has affinities, RMSE / MAE / Pearson / Spearman are
+printed and written to `<output>.metrics.json` with a scatter plot. Without `--data`, every
+structure (or PDBbind entry folder) of `--pdbs` is. A model with the ligand head needs a ligand
+for each entry (an entry without one is listed as left out); its ligand featurisation (atom
+buckets, feature layout) is the checkpoint's.
 Output CSV: `pdb_id,prediction[,affinity,error]`.
 """
 from __future__ import annotations
@@ -22,8 +26,12 @@ from molfun_jax.cli.common import (build_parser, buckets_for, enable_compilation
 
 FLAGS = [
     flag("checkpoint", type=Path, help="run folder, checkpoint folder or export folder"),
-    flag("--data", type=Path, help="CSV with pdb_id (+ optional affinity, chain, ligand)"),
-    flag("--pdbs", type=Path, required=True, help="folder of structures {pdb_id}.pdb|.cif[.gz]"),
+    flag("--data", type=Path,
+         help="CSV with pdb_id (+ optional affinity, chain, ligand, ligand_file, smiles), or a PDBbind index file"),
+    flag("--pdbs", type=Path, required=True,
+         help="folder of structures {pdb_id}.pdb|.cif[.gz], or the PDBbind layout {pdb_id}/{pdb_id}_protein.pdb"),
+    flag("--use-pocket-files", action="store_true",
+         help="a PDBbind entry without {pdb_id}_protein.pdb uses its _pocket.pdb"),
     flag("--features", type=Path, help="folder of precomputed features {pdb_id}.pkl|.npz"),
     flag("--output", type=Path, default=Path("predictions.csv"), help="predictions CSV (default predictions.csv)"),
     flag("--batch-size", type=int, default=2, help="examples per forward pass (default 2)"),
@@ -56,17 +64,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run_prediction(a: argparse.Namespace) -> dict[str, Any]:
     """Checkpoint + CSV or folder -> predictions CSV (+ metrics when labelled)."""
     from molfun_jax.api import MolfunStructureModel
-    from molfun_jax.data import DatasetConfig, build_examples, example_depths, read_entries, render_bad_entries
+    from molfun_jax.data import BadEntry, DatasetConfig, build_examples, example_depths, read_entries, render_bad_entries
+    from molfun_jax.heads import head_kind
     from molfun_jax.reports import plot_scatter, regression_metrics, write_report
 
     enable_compilation_cache()
     model = MolfunStructureModel.load(a.checkpoint, weights=a.weights)
     max_len = a.max_len or model.data_info.get("max_len") or 512
-    say(f"Model: {a.checkpoint} (preset {model.preset}, strategy {model.strategy.name}, "
+    head = model.head_config.kind
+    say(f"Model: {a.checkpoint} (preset {model.preset}, strategy {model.strategy.name}, {head} head, "
         f"{model.num_params:,} trunk params); max length {max_len}")
-    entries, bad = read_entries(a.data, a.pdbs, a.features, labelled=False)
-    cfg = DatasetConfig(buckets=buckets_for(max_len))
+    entries, bad = read_entries(a.data, a.pdbs, a.features, labelled=False, use_pocket_files=a.use_pocket_files)
+    cfg = DatasetConfig(buckets=buckets_for(max_len), ligand=model.ligand_config)
     entries, examples, failed = build_examples(entries, cfg, example_depths(cfg, a.features is not None))
+    if head_kind(model.head_config).input_keys:  # the ligand head reads a ligand
+        lig = [i for i, e in enumerate(entries) if e.has_ligand]
+        failed += [BadEntry(e.row, e.pdb_id, str(e.structure), f"no ligand: the {head} head needs one")
+                   for e in entries if not e.has_ligand]
+        entries, examples = [entries[i] for i in lig], [examples[i] for i in lig]
+    for e in entries:
+        for w in e.warnings:
+            say(f"Note: {e.key}: {w}")
     bad = sorted(bad + failed, key=lambda b: b.row or 0)
     if bad:
         print(render_bad_entries(bad, f"{len(bad)} entries left out or unlabelled"), file=sys.stderr)

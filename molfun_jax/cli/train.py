@@ -6,8 +6,12 @@
     python scripts/train.py --config run.yaml --epochs 3    # flags override the config's keys
     python scripts/train.py --resume runs/lora1             # continue a killed run
 
-The CSV has `pdb_id,affinity` (and optional `year`, `chain`, `ligand`, `resolution` columns);
-`--pdbs` holds `{pdb_id}.pdb|.cif[.gz]`. `--config` (YAML or JSON) maps flag names (with `_`, e.g.
+    python scripts/train.py --data pdbbind/INDEX_general_PL_data.2016 --pdbs pdbbind/ --strategy lora
+
+`--data` is a CSV of `pdb_id,affinity` (and optional `year`, `chain`, `ligand`, `ligand_file`,
+`smiles`, `resolution` columns) or a PDBbind index file; `--pdbs` holds `{pdb_id}.pdb|.cif[.gz]`
+or the PDBbind layout `{pdb_id}/{pdb_id}_protein.pdb` + `_ligand.sdf|.mol2`. `--head` picks the
+affinity head (`molfun_jax.heads.HEADS`; default ligand when every entry has a ligand). `--config` (YAML or JSON) maps flag names (with `_`, e.g.
 `batch_size`) to values; the `run_args.json` a run writes is such a config. Strategy flags
 (`--strategy`, `--lr`, each strategy's own options) come from `molfun_jax.training.STRATEGIES`.
 """
@@ -37,6 +41,7 @@ RESUME_MUTABLE = ("epochs", "output", "resume", "keep", "quiet", "tracker", "tra
 DEMO_DEFAULTS = {"strategy": "head_only", "num_recycles": 0, "accum": 1, "preset": "model_1_ptm"}
 GE0, GE1 = (lambda v: v >= 0, "must be >= 0"), (lambda v: v >= 1, "must be >= 1")
 FRACTION = (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+POSITIVE = (lambda v: v > 0, "must be > 0")
 
 
 def _strategy_flags() -> list[Flag]:
@@ -66,6 +71,8 @@ def train_flags() -> list[Flag]:
     from molfun_jax.tracking import TRACKERS
     from molfun_jax.training.schedules import SCHEDULERS
 
+    from molfun_jax.heads import HEADS
+
     d, m, t, o = "data", "model", "fine-tuning", "output"
     return [
         flag("--config", group=d, type=Path, default=None,
@@ -73,8 +80,21 @@ def train_flags() -> list[Flag]:
         flag("--demo", group=d, action="store_true",
              help="synthetic data (6 train / 2 val chains of 32 residues) on the full model_1_ptm "
                   "architecture; demo defaults: --strategy head_only --num-recycles 0 --accum 1"),
-        flag("--data", group=d, type=Path, help="CSV with pdb_id,affinity (+ optional year, chain, ligand)"),
-        flag("--pdbs", group=d, type=Path, help="folder of structures {pdb_id}.pdb|.cif[.gz]"),
+        flag("--data", group=d, type=Path,
+             help="CSV with pdb_id,affinity (+ optional year, chain, ligand, ligand_file, smiles), or a PDBbind "
+                  "index file (INDEX_general_PL_data.2016; recognised by its content)"),
+        flag("--pdbs", group=d, type=Path,
+             help="folder of structures {pdb_id}.pdb|.cif[.gz] (ligand: the CSV's ligand residue, or "
+                  "{pdb_id}_ligand.sdf|.mol2 next to it), or the PDBbind layout {pdb_id}/{pdb_id}_protein.pdb, "
+                  "_ligand.sdf (falling back to .mol2), _pocket.pdb"),
+        flag("--use-pocket-files", group=d, action="store_true",
+             help="a PDBbind entry without {pdb_id}_protein.pdb uses its _pocket.pdb (default: a bad entry)"),
+        flag("--max-resolution", group=d, type=float, default=None, valid=POSITIVE,
+             help="leave out entries of a worse resolution, in Angstrom (and those without one, e.g. NMR)"),
+        flag("--min-year", group=d, type=int, default=None, help="leave out entries released before this year"),
+        flag("--max-year", group=d, type=int, default=None, help="leave out entries released after this year"),
+        flag("--drop-ic50", group=d, action="store_true",
+             help="leave out IC50 measurements (keep Kd / Ki; the index's measurement or a CSV `kind` column)"),
         flag("--features", group=d, type=Path,
              help="folder of precomputed OpenFold features {pdb_id}.pkl|.npz (pickles: your own files only)"),
         flag("--split", group=d, choices=SPLITS, default="random", help="train/val/test split (default random)"),
@@ -91,6 +111,9 @@ def train_flags() -> list[Flag]:
         flag("--precision", group=m, choices=("fp32", "bf16"), default=None,
              help="compute dtype (default bf16 on GPU/TPU, fp32 on CPU)"),
         flag("--no-amp", group=m, action="store_true", help="same as --precision fp32"),
+        flag("--head", group=m, choices=tuple(HEADS), default=None,
+             help="affinity head: " + "; ".join(f"{n}: {h.summary}" for n, h in HEADS.items())
+                  + " (default: ligand when every entry has a ligand, else pocket)"),
         *_strategy_flags(),
         flag("--epochs", group=t, type=int, default=10, valid=GE1, help="(default 10)"),
         flag("--batch-size", group=t, type=int, default=2, valid=GE1, help="examples per micro-batch (default 2)"),
@@ -314,7 +337,8 @@ def load_splits(a: argparse.Namespace) -> tuple[list[Example], list[Example], li
     """(train, val, test, description) from `--data/--pdbs/--features`, `--split`, `--max-len`."""
     from molfun_jax.data import AffinityDataset, identity_split, random_split, temporal_split
 
-    ds = AffinityDataset.from_csv(a.data, a.pdbs, a.features, buckets=buckets_for(a.max_len))
+    ds = AffinityDataset.from_csv(a.data, a.pdbs, a.features, buckets=buckets_for(a.max_len),
+                                  use_pocket_files=a.use_pocket_files, filters=entry_filters(a))
     fractions = (1.0 - a.val_frac - a.test_frac, a.val_frac, a.test_frac)
     if a.split == "random":
         parts = random_split(ds, fractions, seed=a.seed)
@@ -332,11 +356,45 @@ def load_splits(a: argparse.Namespace) -> tuple[list[Example], list[Example], li
             "features": None if a.features is None else str(Path(a.features).absolute()),
             "n_loaded": len(ds), "n_bad": len(ds.bad), "split": a.split, "max_len": a.max_len,
             "buckets": list(buckets_for(a.max_len)),
-            "lengths": {int(b): len(ix) for b, ix in ds.buckets().items()},
+            "lengths": _counts(e.bucket for e in ds.entries),
+            "ligand_atoms": _counts(e.atom_bucket for e in ds.entries if e.has_ligand),
+            "n_ligands": int(sum(e.has_ligand for e in ds.entries)), "has_ligands": ds.has_ligands,
+            "ligand_sources": {e.key: e.ligand_source for e in ds.entries if e.has_ligand},
+            "notes": [f"{k}: {w}" for k, w in ds.warnings()],
+            "filtered": [f"{b.pdb_id}: {b.reason}" for b in ds.filtered],
             "n_cropped": int(sum(e.cropped for e in ds.entries)),
             "splits": {"train": [e["pdb_id"] for e in train], "val": [e["pdb_id"] for e in val],
                        "test": [e["pdb_id"] for e in test]}}
     return train, val, test, info
+
+
+def _counts(values: Any) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for v in values:
+        out[int(v)] = out.get(int(v), 0) + 1
+    return dict(sorted(out.items()))
+
+
+def entry_filters(a: argparse.Namespace) -> Any:
+    """The `EntryFilters` of `--max-resolution`, `--min-year`, `--max-year`, `--drop-ic50`."""
+    from molfun_jax.data import EntryFilters
+
+    return EntryFilters(max_resolution=a.max_resolution, min_year=a.min_year, max_year=a.max_year,
+                        drop_ic50=a.drop_ic50)
+
+
+def choose_head(a: argparse.Namespace, info: Mapping[str, Any]) -> tuple[str, str]:
+    """(head kind, why): `--head`, else ligand when every entry has a ligand, else pocket."""
+    n, n_lig = info.get("n_loaded", 0), info.get("n_ligands", 0)
+    if a.head == "ligand" and not info.get("has_ligands"):
+        raise ValueError(f"--head ligand needs a ligand for every entry; {n - n_lig} of {n} have none (name it: "
+                         "a `ligand` residue or `ligand_file` column, or the PDBbind layout's ligand file)")
+    if a.head is not None:
+        return a.head, "--head"
+    if info.get("has_ligands"):
+        return "ligand", f"every entry has a ligand ({n_lig} of {n}); --head pocket for the protein-only head"
+    why = "synthetic data has no ligand" if a.demo else f"{n - n_lig} of {n} entries have no ligand file or named ligand"
+    return "pocket", why
 
 
 def load_data(a: argparse.Namespace) -> tuple[list[Example], list[Example], list[Example], dict[str, Any]]:
@@ -351,29 +409,53 @@ def load_data(a: argparse.Namespace) -> tuple[list[Example], list[Example], list
     train, val, test, info = load_splits(a)
     say(f"Data: {info['n_loaded']} examples from {a.data} ({info['n_bad']} skipped) -> "
         f"{len(train)} train / {len(val)} val / {len(test)} test ({a.split} split), lengths {info['lengths']}")
+    if info["n_ligands"]:
+        say(f"Ligands: {info['n_ligands']} of {info['n_loaded']} entries, atom buckets {info['ligand_atoms']}")
+    if info["filtered"]:
+        say(f"Filtered out: {len(info['filtered'])} ({'; '.join(info['filtered'])})")
+    for note in info["notes"]:
+        say(f"Note: {note}")
     return train, val, test, info
 
 
 def build_model(a: argparse.Namespace, data_info: Mapping[str, Any]) -> Any:
     """The model of the flags, announced (weights, size, strategy)."""
     from molfun_jax.api import MolfunStructureModel
+    from molfun_jax.heads import HEADS
 
+    kind, why = choose_head(a, data_info)
     if a.weights is None:
         say(f"Weights: none given -> random initialisation (seed {a.seed}); pass --weights for a "
             "pretrained OpenFold model")
     model = MolfunStructureModel(a.preset, build_strategy(a), weights=a.weights, num_recycles=a.num_recycles,
-                                 seed=a.seed, cache_dir=Path(a.output) / "weights_cache", log=say,
-                                 data_info=data_info)
+                                 head_config=HEADS[kind].config(), seed=a.seed,
+                                 cache_dir=Path(a.output) / "weights_cache", log=say, data_info=data_info)
     if a.weights is not None:
         say(f"Weights: {a.weights} ({model.base_weights['kind']})")
     say(f"Model: OpenFold ({model.num_params:,} params) | preset {a.preset} | "
         f"{model.config.globals.num_recycles} recycles | {model.config.model.evoformer_stack.no_blocks} "
         f"Evoformer blocks")
+    say(f"Head: {kind} ({HEADS[kind].summary}; {model.trainable_counts().get('head', 0):,} params) -- {why}")
     say(strategy_line(model))
     if a.demo and model.strategy.name == "head_only":
         say("Demo settings: head_only (the head trains on trunk outputs computed once: back-propagating "
             "through 48 blocks takes ~45 s/epoch on a 2-core CPU; try --demo --strategy lora), recycling off")
     return model
+
+
+def cache_line(model: Any, examples: Sequence[Example]) -> tuple[str, int]:
+    """The head-only cache's memory ('' when the trunk trains, so nothing is cached) and the
+    mean bytes per entry."""
+    from molfun_jax.training import cache_entry_bytes
+
+    plan = model.strategy.plan(model.variables, model.head_config.source)
+    if set(plan.learning_rates) != {"head"} or not examples:
+        return "", 0
+    per = [cache_entry_bytes(e, model.config.model.evoformer_stack.c_s) for e in examples]
+    mean = int(round(sum(per) / len(per)))
+    return (f"Head-only cache: trunk outputs computed once per entry (single representation + the head's inputs; "
+            f"no pair representation): {mean / 2**10:,.0f} KiB per entry, {sum(per) / 2**20:,.1f} MiB for "
+            f"{len(per)} entries"), mean
 
 
 def resume_point(a: argparse.Namespace) -> bool:
@@ -428,6 +510,9 @@ def run_training(a: argparse.Namespace) -> dict[str, Any]:
         a.precision = default_precision()
     train, val, test, data_info = load_data(a)
     model = build_model(a, data_info)
+    cache_msg, cache_bytes = cache_line(model, train + val)
+    if cache_msg:
+        say(cache_msg)
     resume = bool(a.resume) and resume_point(a)
     tracker = track_run(a, model)
 
@@ -449,6 +534,7 @@ def run_training(a: argparse.Namespace) -> dict[str, Any]:
             "epochs_run": len(history), "early_stopped": stopped, "best_epoch": model.best_epoch,
             "best_checkpoint": str(out.absolute() / "best" / str(model.best_epoch)) if model.best_epoch else None,
             "num_params": model.num_params, "trainable": model.trainable_counts(), "data": data_info,
+            "head": model.head_config.to_dict(), "cache_bytes_per_entry": cache_bytes or None,
             "norm": model.norm.to_dict(), "history": history, "base_weights": model.base_weights,
             **evaluate_splits(a, model, {"val": val, "test": test})}
         report["wall_time_s"] = time.time() - t_start

@@ -47,6 +47,7 @@ from molfun_jax.data.buckets import bucket_length
 from molfun_jax.data.errors import StructureError
 from molfun_jax.data.features import ligand_distance
 from molfun_jax.data.parsing import read_structure_text, structure_format
+from molfun_jax.feature_schema import LIGAND_ATOM_DIM, LIGAND_BOND_DIM
 
 PathLike = Union[str, Path]
 _F32 = np.float32
@@ -81,17 +82,19 @@ ATOM_FEATURE_SLICES = _slices([("element", len(ELEMENTS) + 1), ("degree", len(DE
 BOND_FEATURE_SLICES = _slices([("bond_type", len(BOND_TYPES) + 1), ("conjugated", 1), ("in_ring", 1)])
 ATOM_FEATURE_DIM = max(s.stop for s in ATOM_FEATURE_SLICES.values())
 BOND_FEATURE_DIM = max(s.stop for s in BOND_FEATURE_SLICES.values())
-# axes of the ligand features ('A' ligand atoms, '.' fixed), as `buckets.FEATURE_AXES`
-LIGAND_FEATURE_AXES = {"ligand_atom_feat": "A.", "ligand_bond_feat": "AA.", "ligand_positions": "A.",
-                       "ligand_mask": "A", "ligand_bond_orders_known": ""}
+if (ATOM_FEATURE_DIM, BOND_FEATURE_DIM) != (LIGAND_ATOM_DIM, LIGAND_BOND_DIM):  # the schema's widths
+    raise ImportError(f"ligand feature widths {ATOM_FEATURE_DIM}, {BOND_FEATURE_DIM} differ from the feature schema's "
+                      f"({LIGAND_ATOM_DIM}, {LIGAND_BOND_DIM}): update molfun_jax/feature_schema.py and "
+                      "LIGAND_FEATURE_VERSION")
+# the layout of the ligand features (blocks and their order); recorded in checkpoints
+LIGAND_FEATURE_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class LigandConfig:
-    """Ligand featurisation: atom-count `buckets` (an A beyond the largest is an error) and the
-    pocket `pocket_cutoff` (Angstrom, residue heavy atom to ligand heavy atom)."""
+    """Ligand featurisation: atom-count `buckets` (an A beyond the largest is an error). The
+    pocket cutoff is `FeatureConfig.pocket_cutoff`, as for HETATM ligands."""
     buckets: tuple[int, ...] = DEFAULT_LIGAND_BUCKETS
-    pocket_cutoff: float = 8.0
 
     def __post_init__(self) -> None:
         if not self.buckets or any(b < 1 for b in self.buckets):
@@ -100,6 +103,19 @@ class LigandConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint records of the featurisation: buckets, layout version, widths."""
+        return {**self.to_dict(), "buckets": list(self.buckets), "version": LIGAND_FEATURE_VERSION,
+                "atom_dim": ATOM_FEATURE_DIM, "bond_dim": BOND_FEATURE_DIM}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "LigandConfig":
+        """The config of `meta()`; a checkpoint of another feature layout is refused (ValueError)."""
+        if meta.get("version") != LIGAND_FEATURE_VERSION:
+            raise ValueError(f"ligand feature layout version {meta.get('version')} of the checkpoint differs from "
+                             f"this code's ({LIGAND_FEATURE_VERSION}): features would not match the trained head")
+        return cls(buckets=tuple(meta["buckets"]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -155,27 +155,35 @@ def read_index(path: PathLike) -> tuple[list[IndexEntry], list[EntryError]]:
     return entries, bad
 
 
-def _first(folder: Path, names: Sequence[str]) -> Optional[Path]:
-    """The first of `names` that is a file in `folder` (exact name, then case-insensitive)."""
-    for n in names:
-        if (folder / n).is_file():
-            return folder / n
-    if folder.is_dir():
-        lower = {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
+def folder_listing(folder: Path) -> dict[str, Path]:
+    """Lower-cased file name -> path of the files in `folder` (empty when it is no folder)."""
+    return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_file()} if folder.is_dir() else {}
+
+
+def _first(folder: Path, names: Sequence[str], listing: Optional[dict[str, Path]] = None) -> Optional[Path]:
+    """The first of `names` that is a file in `folder` (exact name, then case-insensitive, from
+    `listing` when given: `folder_listing(folder)`)."""
+    if listing is None:
         for n in names:
-            if n.lower() in lower:
-                return lower[n.lower()]
-    return None
+            if (folder / n).is_file():
+                return folder / n
+        listing = folder_listing(folder)
+    return next((listing[n.lower()] for n in names if n.lower() in listing), None)
 
 
-def _ligand_files(folder: Path, stems: Sequence[str]) -> tuple[Optional[Path], Optional[Path]]:
-    found = [p for p in (_first(folder, [s + suf for s in stems]) for suf in LIGAND_SUFFIXES) if p is not None]
+def _ligand_files(folder: Path, stems: Sequence[str],
+                  listing: Optional[dict[str, Path]] = None) -> tuple[Optional[Path], Optional[Path]]:
+    found = [p for p in (_first(folder, [s + suf for s in stems], listing) for suf in LIGAND_SUFFIXES)
+             if p is not None]
     return (found[0] if found else None), (found[1] if len(found) > 1 else None)
 
 
 def resolve_entry(folder: PathLike, pdb_id: str, *, use_pocket_files: bool = False,
-                  structure_suffixes: Sequence[str] = FLAT_SUFFIXES) -> EntryFiles:
-    """The files of `pdb_id` in a PDBbind-layout folder (`{folder}/{id}/`) or a flat folder.
+                  structure_suffixes: Sequence[str] = FLAT_SUFFIXES,
+                  listing: Optional[dict[str, Path]] = None) -> EntryFiles:
+    """The files of `pdb_id` in a PDBbind-layout folder (`{folder}/{id}/`) or a flat folder
+    (`listing`: the flat folder's `folder_listing`, to look up many entries without listing
+    the folder for each).
 
     Raises:
         EntryError: no protein file (with what was found instead, e.g. the pocket file and the
@@ -196,15 +204,15 @@ def resolve_entry(folder: PathLike, pdb_id: str, *, use_pocket_files: bool = Fal
                                  path=sub)
             if not use_pocket_files:
                 raise EntryError(pdb_id, f"no protein file {pdb_id}_protein.pdb; only the pocket file "
-                                         f"{pocket.name} (use the pocket files option to train on it)", path=sub)
+                                         f"{pocket.name} (--use-pocket-files, use_pocket_files=True, uses it instead)", path=sub)
             protein, used_pocket = pocket, True
         if ligand is None:
             raise EntryError(pdb_id, f"no ligand file {pdb_id}_ligand.sdf|.mol2", path=sub)
         return EntryFiles(pdb_id, protein, ligand, fallback, pocket, "pdbbind", used_pocket)
 
-    protein = _first(folder, [pdb_id + s for s in structure_suffixes])
+    protein = _first(folder, [pdb_id + s for s in structure_suffixes], listing)
     if protein is None:
         raise EntryError(pdb_id, f"no structure file {pdb_id}{{.cif,.pdb}}[.gz] nor folder {pdb_id}/ in {folder}",
                          path=folder)
-    ligand, fallback = _ligand_files(folder, [pdb_id + "_ligand", pdb_id])
+    ligand, fallback = _ligand_files(folder, [pdb_id + "_ligand", pdb_id], listing)
     return EntryFiles(pdb_id, protein, ligand, fallback, None, "flat")

@@ -26,7 +26,7 @@ SOURCES = ("evoformer", "structure_module")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HeadConfig:
-    """Affinity head hyper-parameters.
+    """Affinity head hyper-parameters (`kind='pocket'`: the protein-only head).
 
     pooling: 'pocket' averages over `pocket_mask` residues when the example has a non-empty
         pocket mask (a ligand is present), else over all residues; 'mean' always over all
@@ -36,6 +36,7 @@ class HeadConfig:
         (`outputs['sm']['single']`).
     loss: 'mse' or 'huber' (with `huber_delta`, in normalised target units).
     """
+    kind: str = "pocket"
     hidden_dim: int = 128
     dropout: float = 0.1
     pooling: str = "pocket"
@@ -44,6 +45,8 @@ class HeadConfig:
     huber_delta: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.kind != "pocket":
+            raise ValueError(f"HeadConfig.kind must be 'pocket', got {self.kind!r}")
         for field, allowed in (("pooling", POOLINGS), ("source", SOURCES), ("loss", LOSSES)):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"HeadConfig.{field}={getattr(self, field)!r}; choose one of {allowed}")

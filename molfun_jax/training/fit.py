@@ -122,7 +122,8 @@ def evaluate(predict_step: Callable, trainable: Any, frozen: Any, examples: Sequ
 def cache_trunk(model: AffinityModel, variables: Mapping[str, Any], examples: Sequence[Example],
                 batch_size: int, mesh: Mesh) -> list[dict]:
     """Head-only fast path: each example's trunk output computed once (deterministic) and kept
-    with what the head needs (`single`, `seq_mask`, `pocket_mask`, `target`)."""
+    with what the head needs (`single`, `seq_mask`, `pocket_mask`, the ligand head's pose and
+    graph when present: `HEAD_INPUT_KEYS`; `target`). Memory: `cache_entry_bytes`."""
     single_step = make_single_step(model, mesh)
     variables = replicate(variables, mesh)
     exs = [{**e, "_index": np.int32(i)} for i, e in enumerate(examples)]
@@ -136,6 +137,15 @@ def cache_trunk(model: AffinityModel, variables: Mapping[str, Any], examples: Se
             out[i] = {CACHED_KEY: s[j], "target": examples[i]["target"],
                       **{k: np.asarray(examples[i][k]) for k in HEAD_INPUT_KEYS[1:] if k in examples[i]}}
     return out  # type: ignore[return-value]
+
+
+def cache_entry_bytes(example: Example, c_s: int) -> int:
+    """Bytes one entry takes in the head-only cache: its trunk output `single` [N_res, c_s]
+    float32, the head inputs it keeps (`HEAD_INPUT_KEYS`; the ligand head's pose and graph) and
+    its target. No pair representation is cached."""
+    n_res = np.shape(example["seq_mask"])[-1]
+    kept = sum(np.asarray(example[k]).nbytes for k in HEAD_INPUT_KEYS[1:] if k in example)
+    return n_res * c_s * 4 + kept + 4
 
 
 @dataclasses.dataclass

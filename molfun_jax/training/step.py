@@ -30,7 +30,8 @@ import ml_collections as mlc
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from molfun_jax.heads.affinity import AffinityHead, HeadConfig, affinity_loss
+from molfun_jax.heads.affinity import HeadConfig, affinity_loss
+from molfun_jax.heads.registry import ALL_HEAD_INPUT_KEYS, dummy_head_inputs, head_inputs, make_head
 from molfun_jax.lora import init_lora
 from molfun_jax.model import AlphaFold
 from molfun_jax.training.distributed import DATA_AXIS
@@ -42,7 +43,8 @@ Array = jax.Array
 LABEL_KEYS = ("target", "weight")
 # an example holding this key is a cached trunk output (head-only fast path): the trunk is skipped
 CACHED_KEY = "single"
-HEAD_INPUT_KEYS = ("single", "seq_mask", "pocket_mask")
+# what the head-only cache keeps of an example: the trunk output and every head's inputs
+HEAD_INPUT_KEYS = ("single", "seq_mask", "pocket_mask") + ALL_HEAD_INPUT_KEYS
 
 
 def with_dtype(config: mlc.ConfigDict, dtype: str) -> mlc.ConfigDict:
@@ -64,19 +66,20 @@ class AffinityModel:
     None: `make_train_step` takes k from the plan (Partial: the blocks below the trained ones).
     """
     config: mlc.ConfigDict
-    head_config: HeadConfig = HeadConfig()
+    head_config: Any = HeadConfig()  # any registered head's config (`molfun_jax.heads.registry`)
     trunk_dropout: bool = False
     frozen_blocks: Optional[int] = None
 
     @property
-    def head(self) -> AffinityHead:
-        return AffinityHead.from_config(self.head_config)
+    def head(self) -> Any:
+        return make_head(self.head_config)
 
     def init_variables(self, trunk_params: Mapping[str, Any], strategy: Strategy, rng: Array) -> dict:
         """Variables around pretrained trunk params: a fresh head and, for LoRA, fresh adapters."""
         k_head, k_lora = jax.random.split(rng)
         c_s = self.config.model.evoformer_stack.c_s
-        head = self.head.init(k_head, jnp.zeros((1, c_s), jnp.float32), jnp.ones((1,), jnp.float32))["params"]
+        head = self.head.init(k_head, jnp.zeros((1, c_s), jnp.float32), jnp.ones((1,), jnp.float32),
+                              **dummy_head_inputs(self.head_config))["params"]
         lcfg = strategy.lora_config()
         lora = init_lora(trunk_params, lcfg, k_lora) if lcfg is not None else {}
         return {"trunk": trunk_params, "head": head, "lora": lora}
@@ -97,7 +100,8 @@ class AffinityModel:
         k_trunk, k_head = jax.random.split(rng) if rng is not None else (None, None)
         single = ex[CACHED_KEY] if CACHED_KEY in ex else self.single(variables, ex, k_trunk)
         return self.head.apply({"params": variables["head"]}, single, ex["seq_mask"], ex.get("pocket_mask"),
-                               deterministic=rng is None, rngs={"dropout": k_head} if rng is not None else None)
+                               **head_inputs(self.head_config, ex), deterministic=rng is None,
+                               rngs={"dropout": k_head} if rng is not None else None)
 
 
 def init_state(plan: Plan, variables: Mapping[str, Any], tx: optax.GradientTransformation, rng: Array,
