@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -26,9 +27,33 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     multi = explicit or (any(k in os.environ for k in _CLUSTER_ENV) and _env_processes() != 1)
     if not multi:
         return False
+    # CPU devices of different processes talk through gloo (XLA's default CPU collectives are
+    # process-local); GPU / TPU backends ignore this setting
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # None arguments are filled by jax's cluster auto-detection (SLURM, Open MPI, TPU, env)
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
     return True
+
+
+def is_primary() -> bool:
+    """Whether this is process 0, the one that writes reports, manifests and progress."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """A barrier of all processes (a no-op for one process), e.g. before process 0 reads what
+    every process has written."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a global array as numpy in every process (gathered from the other
+    processes when it is spread over them)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _env_processes() -> Optional[int]:
