@@ -55,3 +55,31 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(lora_cli_run, tmp_pa
     assert [line.split(" |")[0] for line in r.stdout.splitlines() if line.startswith("Epoch ")] == ["Epoch 3/3"]
     assert metrics_rows(run) == metrics_rows(lora_cli_run)
     assert (run / "damaged" / "checkpoints-3").is_dir()
+
+
+def test_max_skipped_steps_flag(data_csv, tmp_path, capsys):
+    from molfun_jax.cli.train import parse_args
+    from molfun_jax.training import MAX_SKIPPED_STEPS
+
+    ok = ["--data", str(data_csv), "--pdbs", str(CHAINS), "--preset", "tiny", "--output", str(tmp_path / "o")]
+    assert parse_args(ok).max_skipped_steps == MAX_SKIPPED_STEPS == 5
+    assert parse_args(ok + ["--max-skipped-steps", "2"]).max_skipped_steps == 2
+    with pytest.raises(SystemExit):
+        parse_args(ok + ["--max-skipped-steps", "0"])
+    assert "--max-skipped-steps must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", ["CheckpointError", "NonFiniteInputError", "SkippedStepsError"])
+def test_run_errors_are_one_line(error, capsys):
+    """What the commands print for the reliability errors: `error: ...`, exit 2, no traceback."""
+    from molfun_jax import checkpoint, training
+    from molfun_jax.cli.common import run_reporting_errors
+
+    cls = getattr(checkpoint, error, None) or getattr(training, error)
+
+    def fail() -> None:
+        raise cls("runs/x/checkpoints/2: damaged: trainable/d/abc has 5 bytes, 10 were written")
+
+    assert run_reporting_errors(fail) == 2
+    err = capsys.readouterr().err
+    assert err == "error: runs/x/checkpoints/2: damaged: trainable/d/abc has 5 bytes, 10 were written\n"

@@ -62,8 +62,9 @@ def one_process_run(tmp_path_factory, data_csv, tiny_weights, compile_cache) -> 
 
 def test_two_processes_train_like_one(one_process_run, data_csv, tiny_weights, compile_cache, tmp_path):
     """2 processes x 1 device: the metrics equal the 1-process run's, process 0 alone reports,
-    and the checkpoint the two processes wrote loads and predicts in this single process like
-    the 1-process one (and like the test predictions process 0 wrote from the gathered shards)."""
+    and the checkpoint the two processes wrote loads and predicts in this single process as the
+    1-process run predicted its val / test splits (and as process 0 wrote them, gathered from
+    both processes' shards)."""
     from molfun_jax.api import MolfunStructureModel
     from molfun_jax.checkpoint import verify
     from molfun_jax.data import AffinityDataset
@@ -78,15 +79,14 @@ def test_two_processes_train_like_one(one_process_run, data_csv, tiny_weights, c
         verify(ckpt)  # the manifest process 0 wrote after both processes saved
 
     ds = AffinityDataset.from_csv(data_csv, CHAINS, buckets=(16,))
-    exs = [ds[i] for i in range(len(ds))]
-    got = MolfunStructureModel.load(out).predict(exs, 2)
-    np.testing.assert_allclose(got, MolfunStructureModel.load(one_process_run).predict(exs, 2), rtol=RTOL)
-    with open(out / "test_predictions.csv") as f:
-        rows = list(csv.DictReader(f))
-    by_id = dict(zip(ds.ids, got))
-    assert rows and all(r["pdb_id"] in by_id for r in rows)
-    np.testing.assert_allclose([float(r["prediction"]) for r in rows], [by_id[r["pdb_id"]] for r in rows],
-                               rtol=1e-5)
+    got = dict(zip(ds.ids, MolfunStructureModel.load(out).predict([ds[i] for i in range(len(ds))], 2)))
+    for split in ("val", "test"):  # the 1-process run's predictions, and those process 0 wrote
+        for run in (one_process_run, out):
+            with open(run / f"{split}_predictions.csv") as f:
+                rows = list(csv.DictReader(f))
+            assert rows
+            np.testing.assert_allclose([got[r["pdb_id"]] for r in rows], [float(r["prediction"]) for r in rows],
+                                       rtol=RTOL)
 
 
 @pytest.mark.slow
