@@ -31,8 +31,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     multi = explicit or (any(k in os.environ for k in _CLUSTER_ENV) and _env_processes() != 1)
     if not multi:
         return False
-    # CPU devices of different processes talk through gloo (XLA's default CPU collectives are
-    # process-local); GPU / TPU backends ignore this setting
+    # CPU devices of different processes talk through gloo (jax 0.10's default, said explicitly:
+    # without cross-process CPU collectives the psum of a step fails); GPU / TPU ignore it
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # None arguments are filled by jax's cluster auto-detection (SLURM, Open MPI, TPU, env)
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
