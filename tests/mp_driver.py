@@ -60,8 +60,9 @@ def run_processes(script: Path, args: Sequence[str], n: int, cache: Path, device
             out.seek(0)
             err.seek(0)
             results.append(subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read()))
-        for rank, r in enumerate(results):
-            assert r.returncode == 0, f"rank {rank} of {n} exited {r.returncode}:\n{r.stdout}\n{r.stderr[-4000:]}"
+        failed = [rank for rank, r in enumerate(results) if r.returncode != 0]
+        assert not failed, "\n".join(f"rank {rank} of {n} exited {r.returncode}:\n{r.stdout}\n{r.stderr[-3000:]}"
+                                      for rank, r in enumerate(results))
         return results
     finally:
         for p in procs:

@@ -490,9 +490,10 @@ def run_training(a: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     join(argv)  # before any other JAX use
-    from molfun_jax.training import is_primary
+    from molfun_jax.training import is_primary, sync
 
     a = parse_args(argv)
+    sync("molfun_parsed")  # every process has checked that --output is new before process 0 fills it
     if not a.resume and is_primary():
         save_run_args(a)
     return run_reporting_errors(lambda: run_training(a))
