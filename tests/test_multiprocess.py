@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +92,16 @@ def test_two_processes_train_like_one(one_process_run, data_csv, tiny_weights, c
 
 @pytest.mark.slow
 def test_two_processes_resume_like_one(one_process_run, data_csv, tiny_weights, compile_cache, tmp_path):
-    """2 processes train epoch 1, then 2 processes `--resume` to epoch 2: as the 1-process run."""
+    """2 processes train 2 epochs; with epoch 2's checkpoints removed (as if killed during epoch
+    2: the LR schedule is the 2-epoch run's), 2 processes `--resume` from epoch 1 and end as the
+    1-process run did."""
     out = tmp_path / "two"
-    first = run_processes(TRAIN, run_flags(data_csv, tiny_weights, out, 1, 2), 2, compile_cache)
-    assert "Epoch 1/1 | train_loss: " in first[0].stdout and quiet(first[1])
-    resumed = run_processes(TRAIN, ["--resume", str(out), "--epochs", "2"], 2, compile_cache)
+    run_processes(TRAIN, run_flags(data_csv, tiny_weights, out, 2, 2), 2, compile_cache)
+    for d in (out / "checkpoints" / "2", out / "best" / "2"):
+        shutil.rmtree(d, ignore_errors=True)
+    resumed = run_processes(TRAIN, ["--resume", str(out)], 2, compile_cache)
     assert f"Resuming {out} after epoch 1" in resumed[0].stdout and quiet(resumed[1])
+    assert "Epoch 2/2 | train_loss: " in resumed[0].stdout
     assert_same_metrics(out, one_process_run)
 
 
