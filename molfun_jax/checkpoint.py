@@ -37,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from molfun_jax.atomic import write_json_atomic
+from molfun_jax.training.distributed import is_primary, sync
 
 FORMAT = "molfun_jax.checkpoint/1"
 EXPORT_FORMAT = "molfun_jax.export/1"
@@ -93,12 +94,15 @@ def read_arrays(folder: Path) -> Any:
 
 
 def write_manifest(folder: str | Path) -> Path:
-    """Record size and sha256 of a finished checkpoint / export folder's files (process 0)."""
+    """Record size and sha256 of a finished checkpoint / export folder's files: process 0, once
+    every process has finished writing its part, and every process returns once it is written."""
     folder = Path(folder)
-    if jax.process_index() == 0:
+    sync(f"molfun_saved:{folder}")
+    if is_primary():
         files = {f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)}
                  for f in _checked_files(folder)}
         write_json_atomic(folder / MANIFEST, {"format": MANIFEST_FORMAT, "files": files})
+    sync(f"molfun_manifest:{folder}")
     return folder / MANIFEST
 
 
@@ -137,13 +141,22 @@ def _remove_interrupted_writes(directory: Path) -> None:
     """Delete orbax's temporary folders of interrupted saves. (orbax's own
     `cleanup_tmp_directories` runs in a thread that `close()` never joins: a short-lived process
     then dies with "Event loop is closed" / "cannot schedule new futures after shutdown".)"""
-    if jax.process_index() == 0 and directory.is_dir():
+    if is_primary() and directory.is_dir():
         for tmp in directory.glob(f"*{ocp.path.atomicity.TMP_DIR_SUFFIX}*"):
             shutil.rmtree(tmp, ignore_errors=True)
+    sync(f"molfun_cleaned:{directory}")
+
+
+def _host_value(x: Any) -> Any:
+    """A leaf as orbax should save it: numpy when every process holds the whole value (orbax then
+    writes it from process 0), else the global jax.Array (orbax writes each process's shards)."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        return x
+    return np.asarray(x)
 
 
 def _numpy(tree: Any) -> Any:
-    return jax.tree_util.tree_map(np.asarray, tree)
+    return jax.tree_util.tree_map(_host_value, tree)
 
 
 def _save_args(items: Mapping[str, Any]) -> ocp.args.Composite:
@@ -183,13 +196,30 @@ class RunCheckpointer:
     def latest_epoch(self) -> int | None:
         return self.last.latest_step()
 
+    def _epochs(self) -> list[int]:
+        """The epochs of `checkpoints/`, newest first."""
+        return sorted((int(d.name) for d in self.last.directory.glob("*") if d.name.isdigit()), reverse=True)
+
+    def newest_intact(self) -> tuple[int | None, list[str]]:
+        """(the newest epoch whose files verify and whose meta reads, or None; the faults of the
+        newer ones): where `restore_intact` will resume, found without restoring the arrays."""
+        faults = []
+        for epoch in self._epochs():
+            try:
+                read_meta(self.last.directory / str(epoch))
+            except CheckpointError as e:
+                faults.append(str(e))
+                continue
+            return epoch, faults
+        return None, faults
+
     def restore_intact(self, abstract: Mapping[str, Any], items: Iterable[str],
                        check: Callable[[dict, Path], None] = lambda meta, path: None) -> tuple[Path, dict[str, Any]]:
         """(folder, items) of the newest epoch checkpoint that verifies and restores whole
         (`abstract`, `items`: see `restore`). `check(meta, folder)` may refuse a checkpoint (an
         incompatible model: raised as is). Damaged newer epochs (and best/ entries past the one
         restored) are moved to `<run>/damaged/`, each with a warning."""
-        epochs = sorted((int(d.name) for d in self.last.directory.glob("*") if d.name.isdigit()), reverse=True)
+        epochs = self._epochs()
         if not epochs:
             raise CheckpointError(f"{self.last.directory}: no epoch checkpoint to resume from")
         damaged: list[Path] = []
@@ -217,7 +247,8 @@ class RunCheckpointer:
     def _set_aside(self, folders: list[Path]) -> None:
         if not folders:
             return
-        if jax.process_index() == 0:
+        sync(f"molfun_fell_back:{self.run_dir}")  # every process has read what it needs
+        if is_primary():
             for f in folders:
                 dest = self.run_dir / "damaged" / f"{f.parent.name}-{f.name}"
                 n = 1
@@ -226,6 +257,7 @@ class RunCheckpointer:
                 dest.parent.mkdir(exist_ok=True)
                 f.rename(dest)
                 log.warning("moved %s to %s", f, dest)
+        sync(f"molfun_set_aside:{self.run_dir}")
         self.last.reload()
         self.best.reload()
 

@@ -129,10 +129,12 @@ def run_reporting_errors(fn: Callable[[], Any]) -> int:
     """The commands' exit code: 0, or 2 with `error: ...` on stderr for a user error (bad data,
     checkpoint, value, tracker or missing file) instead of a traceback."""
     from molfun_jax.data import DataError
+    from molfun_jax.training import SkippedStepsError
 
     try:
         fn()
-    except (DataError, ValueError, FileNotFoundError) as e:  # CheckpointError, TrackerError are ValueErrors
+    except (DataError, ValueError, FileNotFoundError, SkippedStepsError) as e:  # CheckpointError,
+        # NonFiniteInputError, TrackerError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

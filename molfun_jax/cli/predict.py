@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from molfun_jax.cli.common import (build_parser, buckets_for, enable_compilation_cache, flag, fmt_metrics,
                                    run_reporting_errors, say, write_predictions_csv)
+from molfun_jax.cli.launch import LAUNCH_FLAGS, join
 
 FLAGS = [
     flag("checkpoint", type=Path, help="run folder, checkpoint folder or export folder"),
@@ -38,6 +39,7 @@ FLAGS = [
     flag("--max-len", type=int, default=None,
          help="longest chain (longer ones cropped); default: the training run's --max-len"),
     flag("--weights", type=Path, help="base weights (.pt or converted folder) if they moved"),
+    *LAUNCH_FLAGS,
 ]
 
 
@@ -67,6 +69,7 @@ def run_prediction(a: argparse.Namespace) -> dict[str, Any]:
     from molfun_jax.data import BadEntry, DatasetConfig, build_examples, example_depths, read_entries, render_bad_entries
     from molfun_jax.heads import head_kind
     from molfun_jax.reports import plot_scatter, regression_metrics, write_report
+    from molfun_jax.training import is_primary
 
     enable_compilation_cache()
     model = MolfunStructureModel.load(a.checkpoint, weights=a.weights)
@@ -91,20 +94,25 @@ def run_prediction(a: argparse.Namespace) -> dict[str, Any]:
     if not examples:
         raise ValueError("no structure could be featurised: nothing to predict")
     ids, labels = [e.key for e in entries], [e.target for e in entries]
-    pred = model.predict(examples, a.batch_size)
-    out = write_predictions_csv(Path(a.output), ids, pred, labels)
+    pred = model.predict(examples, a.batch_size)  # every process takes part; process 0 writes
+    out, primary = Path(a.output), is_primary()
+    if primary:
+        write_predictions_csv(out, ids, pred, labels)
     say(f"Predicted {len(ids)} structures -> {out}")
     result: dict[str, Any] = {"checkpoint": str(a.checkpoint), "n": len(ids), "output": str(out)}
     have = [i for i, t in enumerate(labels) if t is not None]
     if have:
         truth = [labels[i] for i in have]
         result["metrics"] = m = regression_metrics(truth, pred[have])
-        write_report(out.with_suffix(".metrics.json"), result)
-        plot_scatter(truth, pred[have], out.with_name(out.stem + "_scatter.png"), title="predictions")
+        if primary:
+            write_report(out.with_suffix(".metrics.json"), result)
+            plot_scatter(truth, pred[have], out.with_name(out.stem + "_scatter.png"), title="predictions")
         say(f"Metrics ({len(have)} labelled): {fmt_metrics(m)}")
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    join(argv)  # before any other JAX use
     a = parse_args(argv)
     return run_reporting_errors(lambda: run_prediction(a))

@@ -27,12 +27,14 @@ from typing import Any, Mapping, Sequence
 from molfun_jax.cli.common import (Flag, apply_values, build_parser, buckets_for, check_ranges,
                                    default_precision, enable_compilation_cache, flag, fmt_metrics, given_dests,
                                    jsonable, read_config, run_reporting_errors, say, write_predictions_csv)
+from molfun_jax.cli.launch import LAUNCH_DESTS, LAUNCH_FLAGS, join
 
 Example = dict[str, Any]
 SPLITS = ("random", "temporal", "identity")
 RUN_ARGS = "run_args.json"
 # flags a resumed run may change; every other flag must equal the saved one
-RESUME_MUTABLE = ("epochs", "output", "resume", "keep", "quiet", "tracker", "tracker_uri", "config")
+RESUME_MUTABLE = ("epochs", "output", "resume", "keep", "quiet", "tracker", "tracker_uri", "config",
+                  "max_skipped_steps", *LAUNCH_DESTS)
 # the demo's own defaults (flags the user gives win): 6 train / 2 val synthetic chains of 32
 # residues on the full model_1_ptm architecture. LoRA (the default strategy) back-propagates
 # through 48 Evoformer blocks: about 45 s per epoch of 3 steps on a 2-core CPU, 8 min for 10
@@ -69,6 +71,7 @@ def _strategy_flags() -> list[Flag]:
 def train_flags() -> list[Flag]:
     """The flag table of train.py (read by the parser, `--config`, resume and the strategy)."""
     from molfun_jax.tracking import TRACKERS
+    from molfun_jax.training.guard import MAX_SKIPPED_STEPS
     from molfun_jax.training.schedules import SCHEDULERS
 
     from molfun_jax.heads import HEADS
@@ -131,6 +134,9 @@ def train_flags() -> list[Flag]:
         flag("--early-stopping", group=t, type=int, default=0, metavar="PATIENCE", field="early_stopping_patience",
              help="stop after PATIENCE epochs without a better val loss (default 0 = off)"),
         flag("--seed", group=t, type=int, default=0, help="init, split, data order, dropout (default 0)"),
+        flag("--max-skipped-steps", group=t, type=int, default=MAX_SKIPPED_STEPS, valid=GE1, metavar="K",
+             help="stop the run after K non-finite steps in a row (each is skipped: no update; "
+                  f"default {MAX_SKIPPED_STEPS})"),
         flag("--output", group=o, type=Path, default=None, help="run folder (default runs/<timestamp>)"),
         flag("--resume", group=o, type=Path, nargs="?", const=True, default=None, metavar="RUN",
              help="continue a killed run from its last checkpoint, with its saved settings "
@@ -143,6 +149,7 @@ def train_flags() -> list[Flag]:
         flag("--tracker-uri", group=o, default=None,
              help="tensorboard: log folder; mlflow: tracking URI (default file:<output>/mlruns); "
                   "wandb: folder (offline unless WANDB_MODE is set)"),
+        *LAUNCH_FLAGS,
     ]
 
 
@@ -302,8 +309,9 @@ def resolve_run(ap: argparse.ArgumentParser, a: argparse.Namespace, flags: Seque
 
 
 def run_args(a: argparse.Namespace) -> dict[str, Any]:
-    """The arguments as `run_args.json` holds them: a valid `--config` (every flag but --config)."""
-    d = {k: jsonable(v) for k, v in vars(a).items() if k != "config"}
+    """The arguments as `run_args.json` holds them: a valid `--config` (every flag but --config
+    and the launch flags, which belong to one launch)."""
+    d = {k: jsonable(v) for k, v in vars(a).items() if k != "config" and k not in LAUNCH_DESTS}
     d["resume"] = None
     return d
 
@@ -465,15 +473,22 @@ def resume_point(a: argparse.Namespace) -> bool:
     out = Path(a.output)
     runs = RunCheckpointer(out, a.keep)
     last = runs.latest_epoch()
+    epoch, faults = runs.newest_intact()
     runs.close()
-    say(f"Resuming {out}: no epoch was completed, starting from the beginning" if last is None
-        else f"Resuming {out} after epoch {last}")
+    if last is None:
+        say(f"Resuming {out}: no epoch was completed, starting from the beginning")
+    elif faults and epoch is not None:
+        say(f"Resuming {out} after epoch {epoch}: fell back to it, the newest intact checkpoint "
+            f"(newer ones are damaged and moved to {out / 'damaged'}: {'; '.join(faults)})")
+    elif epoch is not None:
+        say(f"Resuming {out} after epoch {epoch}")
     return last is not None
 
 
 def evaluate_splits(a: argparse.Namespace, model: Any, splits: Mapping[str, list[Example]]) -> dict[str, Any]:
     """Predictions CSV, scatter plot and metrics of each non-empty split (best epoch's params)."""
     from molfun_jax.reports import plot_scatter
+    from molfun_jax.training import is_primary
 
     out, metrics = Path(a.output), {}
     for name, exs in splits.items():
@@ -481,8 +496,9 @@ def evaluate_splits(a: argparse.Namespace, model: Any, splits: Mapping[str, list
             continue
         ev = model.evaluate(exs, a.batch_size)
         ids = [str(e.get("pdb_id", i)) for i, e in enumerate(exs)]
-        write_predictions_csv(out / f"{name}_predictions.csv", ids, ev["predictions"], ev["targets"])
-        plot_scatter(ev["targets"], ev["predictions"], out / f"{name}_scatter.png", title=name)
+        if is_primary():
+            write_predictions_csv(out / f"{name}_predictions.csv", ids, ev["predictions"], ev["targets"])
+            plot_scatter(ev["targets"], ev["predictions"], out / f"{name}_scatter.png", title=name)
         metrics[f"{name}_metrics"] = {k: ev[k] for k in ("n", "rmse", "mae", "pearson", "spearman")}
         say(f"{name.capitalize()} ({len(exs)} examples, best epoch {model.best_epoch}): {fmt_metrics(ev)}")
     return metrics
@@ -492,8 +508,10 @@ def track_run(a: argparse.Namespace, model: Any) -> Any:
     """The run's tracker, with its args and config logged."""
     from molfun_jax.config import config_to_dict
     from molfun_jax.tracking import make_tracker
+    from molfun_jax.training import is_primary
 
-    tracker = make_tracker(a.tracker, a.tracker_uri, a.output, run_name=Path(a.output).name)
+    kind = a.tracker if is_primary() else "none"  # process 0 alone reports
+    tracker = make_tracker(kind, a.tracker_uri, a.output, run_name=Path(a.output).name)
     tracker.log_params({"args": run_args(a), "strategy": model.strategy.to_dict(),
                         "model_config": config_to_dict(model.config)})
     return tracker
@@ -502,8 +520,9 @@ def track_run(a: argparse.Namespace, model: Any) -> Any:
 def run_training(a: argparse.Namespace) -> dict[str, Any]:
     """The whole `train.py` run; returns the report (also written to `<output>/report.json`)."""
     from molfun_jax.reports import plot_losses, write_metrics_csv, write_report
+    from molfun_jax.training import is_primary
 
-    t_start, out = time.time(), Path(a.output)
+    t_start, out, primary = time.time(), Path(a.output), is_primary()  # process 0 alone writes
     out.mkdir(parents=True, exist_ok=True)
     enable_compilation_cache()
     if a.precision is None:
@@ -518,16 +537,18 @@ def run_training(a: argparse.Namespace) -> dict[str, Any]:
 
     def on_epoch(row: dict, m: Any) -> None:
         say(epoch_line(row, a.epochs))
-        write_metrics_csv(out / "metrics.csv", m.history)
-        plot_losses(m.history, out / "loss.png")
+        if primary:
+            write_metrics_csv(out / "metrics.csv", m.history)
+            plot_losses(m.history, out / "loss.png")
 
     try:
         history = model.fit(train, val, epochs=a.epochs, batch_size=a.batch_size, output=out, keep=a.keep,
-                            resume=resume, progress=False if a.quiet else None, on_epoch_end=on_epoch,
-                            tracker=tracker)
-        write_metrics_csv(out / "metrics.csv", history)
-        if history:
-            plot_losses(history, out / "loss.png")
+                            resume=resume, progress=False if a.quiet or not primary else None,
+                            on_epoch_end=on_epoch, tracker=tracker, max_skipped_steps=a.max_skipped_steps)
+        if primary:
+            write_metrics_csv(out / "metrics.csv", history)
+            if history:
+                plot_losses(history, out / "loss.png")
         stopped = len(history) < a.epochs
         report: dict[str, Any] = {
             "output": str(out.absolute()), "preset": a.preset, "strategy": model.strategy.to_dict(),
@@ -538,7 +559,8 @@ def run_training(a: argparse.Namespace) -> dict[str, Any]:
             "norm": model.norm.to_dict(), "history": history, "base_weights": model.base_weights,
             **evaluate_splits(a, model, {"val": val, "test": test})}
         report["wall_time_s"] = time.time() - t_start
-        write_report(out / "report.json", report)
+        if primary:
+            write_report(out / "report.json", report)
         for f in ("report.json", "metrics.csv", "loss.png", "val_scatter.png", "test_scatter.png"):
             if (out / f).is_file():
                 tracker.log_artifact(out / f)
@@ -552,7 +574,12 @@ def run_training(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    join(argv)  # before any other JAX use
+    from molfun_jax.training import is_primary, sync
+
     a = parse_args(argv)
-    if not a.resume:
+    sync("molfun_parsed")  # every process has checked that --output is new before process 0 fills it
+    if not a.resume and is_primary():
         save_run_args(a)
     return run_reporting_errors(lambda: run_training(a))

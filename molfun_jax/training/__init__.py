@@ -1,7 +1,9 @@
 """Fine-tuning: strategies (optax label trees), schedules, the jitted train step, the fit loop,
 data parallelism (docs/architecture.md)."""
-from molfun_jax.training.distributed import data_mesh, initialize, replicate, shard_batch
-from molfun_jax.training.fit import (FitResult, cache_entry_bytes, cache_trunk, count_steps, evaluate, fit, make_batches,
+from molfun_jax.training.distributed import (data_mesh, initialize, is_primary, replicate, shard_batch, sync,
+                                             to_host)
+from molfun_jax.training.fit import (FitResult, cache_entry_bytes, cache_trunk, count_steps, evaluate, fit,
+                                     make_batches,
                                      predict_all, target_norm)
 from molfun_jax.training.guard import (MAX_SKIPPED_STEPS, NonFiniteInputError, SkippedStepsError,
                                        check_finite_examples)
@@ -14,6 +16,7 @@ from molfun_jax.training.strategies import (STRATEGIES, Full, HeadOnly, LoRA, Op
 __all__ = ["AffinityModel", "FitResult", "Full", "HeadOnly", "LoRA", "MAX_SKIPPED_STEPS", "NonFiniteInputError",
            "Partial", "Plan", "Rule", "STRATEGIES", "SkippedStepsError", "Strategy", "cache_entry_bytes", "cache_trunk",
            "check_finite_examples", "count_steps", "data_mesh", "eval_params", "evaluate", "fit", "init_state",
-           "initialize", "layer_decay_factors", "make_batches", "make_predict_step", "make_schedule",
+           "initialize", "is_primary", "layer_decay_factors", "make_batches", "make_predict_step", "make_schedule",
            "make_single_step", "make_train_step", "predict_all", "replicate", "shard_batch", "steps_per_epoch",
-           "strategy_from_dict", "with_dtype", "Option", "StrategyError", "register_strategy", "target_norm"]
+           "strategy_from_dict", "sync", "to_host", "with_dtype", "Option", "StrategyError", "register_strategy",
+           "target_norm"]

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from molfun_jax.data.buckets import collate
 from molfun_jax.heads.affinity import HeadConfig, TargetNorm, affinity_loss
 from molfun_jax.reports import StepProgress, regression_metrics
-from molfun_jax.training.distributed import data_mesh, replicate, shard_batch
+from molfun_jax.training.distributed import data_mesh, replicate, shard_batch, to_host
 from molfun_jax.training.guard import MAX_SKIPPED_STEPS, SkipCounter
 from molfun_jax.training.schedules import steps_per_epoch
 from molfun_jax.training.step import (CACHED_KEY, HEAD_INPUT_KEYS, AffinityModel, eval_params, init_state,
@@ -103,7 +103,7 @@ def predict_all(predict_step: Callable, trainable: Any, frozen: Any, examples: S
     for b in make_batches(exs, batch_size):
         b = {k: v[0] for k, v in b.items()}
         idx, w = b.pop("_index"), b["weight"] > 0
-        p = np.asarray(predict_step(trainable, frozen, shard_batch(b, mesh, 0)))
+        p = to_host(predict_step(trainable, frozen, shard_batch(b, mesh, 0)))
         preds[idx[w]], targets[idx[w]] = p[w], b["target"][w]
     return preds, targets
 
@@ -131,7 +131,7 @@ def cache_trunk(model: AffinityModel, variables: Mapping[str, Any], examples: Se
     for b in make_batches(exs, batch_size):
         b = {k: v[0] for k, v in b.items()}
         idx, w = b.pop("_index"), b["weight"]
-        s = np.asarray(single_step(variables, shard_batch(b, mesh, 0)))
+        s = to_host(single_step(variables, shard_batch(b, mesh, 0)))
         for j in np.flatnonzero(w > 0):
             i = int(idx[j])
             out[i] = {CACHED_KEY: s[j], "target": examples[i]["target"],
