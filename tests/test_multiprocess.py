@@ -61,6 +61,7 @@ def one_process_run(tmp_path_factory, data_csv, tiny_weights, compile_cache) -> 
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(one_process_run, data_csv, tiny_weights, compile_cache, tmp_path):
     """2 processes x 1 device: the metrics equal the 1-process run's, process 0 alone reports,
     and the checkpoint the two processes wrote loads and predicts in this single process as the
