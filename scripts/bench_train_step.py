@@ -55,10 +55,13 @@ def chain_features(chain: str, n: int) -> dict[str, np.ndarray]:
     return crop_features(feats, np.arange(n))
 
 
-def bench_config(preset: str, remat: bool, dtype: str = "float32", policy: str | None = None):
+def bench_config(preset: str, remat: bool, dtype: str = "float32", policy: str | None = None,
+                 blocks: int | None = None):
     from molfun_jax.config import model_config
     cfg = model_config(preset, train=True)
     cfg.globals.num_recycles = 0
+    if blocks is not None:  # fewer Evoformer blocks (both sides) to iterate on the per-block cost
+        cfg.model.evoformer_stack.no_blocks = blocks
     cfg.globals.remat = remat
     cfg.globals.dtype = dtype
     if policy is not None:
@@ -67,7 +70,7 @@ def bench_config(preset: str, remat: bool, dtype: str = "float32", policy: str |
 
 
 # --- shared inputs (written once by the parent) --------------------------------------------------
-def write_inputs(preset: str, seed: int, folder: Path) -> None:
+def write_inputs(preset: str, seed: int, folder: Path, blocks: int | None = None) -> None:
     """OpenFold's randomised state dict, its Flax conversion, LoRA adapters (b random, so `a`
     gets a gradient too) and head params, as files both sides read."""
     import jax
@@ -82,7 +85,7 @@ def write_inputs(preset: str, seed: int, folder: Path) -> None:
     from tests.reference import randomize_
     from tests.test_model import openfold_config
 
-    cfg = bench_config(preset, remat=False)
+    cfg = bench_config(preset, remat=False, blocks=blocks)
     torch.manual_seed(seed)
     ref = randomize_(OFAlphaFold(openfold_config(cfg)), seed)
     torch.save(ref.state_dict(), folder / "openfold.pt")
@@ -125,7 +128,7 @@ def run_ours(job: dict, folder: Path) -> dict:
     from molfun_jax.training import (AffinityModel, data_mesh, init_state, make_batches, make_train_step,
                                      replicate, shard_batch)
 
-    cfg = bench_config(job["preset"], job["remat"], job["dtype"], job.get("policy"))
+    cfg = bench_config(job["preset"], job["remat"], job["dtype"], job.get("policy"), job.get("blocks"))
     strategy = _strategy(job["strategy"])
     variables = load_variables(folder, job["strategy"] == "lora")
     split = {"frozen_blocks": 0} if job["strategy"] == "partial_unsplit" else {}
@@ -154,9 +157,30 @@ def run_ours(job: dict, folder: Path) -> dict:
         if i == 0:
             out.update(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]))
     out.update(step_s=statistics.median(times[1:]), rss_gib=rss_gib())
+    if job.get("profile"):
+        out["top_ops"] = profile_step(compiled, state, frozen, batch, job["profile"])
     if job.get("forward"):
         out["forward_s"] = time_forward(model, state, frozen, plan, ex, job["repeats"])
     return out
+
+
+def profile_step(compiled, state, frozen, batch, folder: str, top: int = 25) -> list:
+    """One step under `jax.profiler.trace` (written to `folder`); the `top` XLA ops by total
+    time: [name, ms, calls]. The trace opens in Perfetto / TensorBoard."""
+    import gzip
+    from collections import Counter
+
+    import jax
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+        jax.block_until_ready(compiled(state, frozen, batch)[1])
+    trace = max(Path(folder).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    events = [e for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+              if e.get("ph") == "X" and "dur" in e]
+    ms, calls = Counter(), Counter()
+    for e in events:
+        ms[e["name"]] += e["dur"] / 1e3
+        calls[e["name"]] += 1
+    return [[name, round(t, 2), calls[name]] for name, t in ms.most_common(top)]
 
 
 def memory_plan(compiled) -> dict:
@@ -197,7 +221,7 @@ def run_openfold(job: dict, folder: Path) -> dict:
     from tests.test_model import openfold_config, to_openfold_batch
 
     torch.utils.checkpoint.checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    cfg = bench_config(job["preset"], job["remat"])
+    cfg = bench_config(job["preset"], job["remat"], blocks=job.get("blocks"))
     oc = openfold_config(cfg)
     oc.model.evoformer_stack.blocks_per_ckpt = 1 if job["remat"] else None
     oc.model.extra_msa.extra_msa_stack.ckpt = job["remat"]
@@ -311,11 +335,14 @@ def main() -> None:
     ap.add_argument("--n", default="64", help="comma-separated crop sizes")
     ap.add_argument("--remat", default="on,off", help="'on', 'off' or both")
     ap.add_argument("--policy", default=None, help="globals.remat_policy override (ours)")
+    ap.add_argument("--blocks", type=int, default=None, help="Evoformer blocks on both sides (default: the preset's)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sides", default="ours,openfold")
     ap.add_argument("--forward", action="store_true", help="ours: also time the forward (LoRA rows)")
     ap.add_argument("--compile-only", action="store_true",
                     help="ours only: XLA memory plans (fp32 and bf16) of the LoRA step, remat on")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="ours: trace one more step into DIR and print the top ops by time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
@@ -333,11 +360,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
-        write_inputs(args.preset, args.seed, folder)
+        write_inputs(args.preset, args.seed, folder, args.blocks)
         print(f"inputs written in {time.perf_counter() - t0:.0f} s; preset {args.preset}, chain {args.chain}, "
-              f"0 recycles, LoRA r{RANK} {'/'.join(LORA_TARGETS)}; machine load "
+              f"{args.blocks or 'all'} Evoformer blocks, 0 recycles, LoRA r{RANK} {'/'.join(LORA_TARGETS)}; machine load "
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
-        base = {"preset": args.preset, "chain": args.chain, "repeats": args.repeats, "policy": args.policy}
+        base = {"preset": args.preset, "chain": args.chain, "repeats": args.repeats, "policy": args.policy,
+                "blocks": args.blocks, "profile": args.profile}
         if args.compile_only:
             print(f"{'N':>5} {'dtype':>9} {'compile s':>10} {'XLA temp GiB':>13} {'XLA total GiB':>14}")
             for n in ns:
@@ -371,6 +399,8 @@ def main() -> None:
                             print(f"    {side} failed: {d['error']}")
                         elif d:
                             print(f"    {side}: loss {d.get('loss'):.6e} grad_norm {d.get('grad_norm'):.6e}")
+                    for name, t_ms, calls in o.get("top_ops", []):
+                        print(f"    {t_ms:10.1f} ms {calls:6d}x  {name}")
         print("speed = OpenFold step / ours; mem = OpenFold peak RSS / ours; rel = |ours - OpenFold| / |OpenFold|")
 
 
