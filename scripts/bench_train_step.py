@@ -344,6 +344,8 @@ def main() -> None:
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="ours: trace one more step into DIR and print the top ops by time")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--inputs", default=None, metavar="DIR",
+                    help="keep the written inputs in DIR and reuse them when present (same preset/seed/blocks)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -358,10 +360,12 @@ def main() -> None:
     ns = [int(x) for x in args.n.split(",")]
     remats = [r == "on" for r in args.remat.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+        folder = Path(args.inputs or tmp)
         t0 = time.perf_counter()
-        write_inputs(args.preset, args.seed, folder, args.blocks)
-        print(f"inputs written in {time.perf_counter() - t0:.0f} s; preset {args.preset}, chain {args.chain}, "
+        if not (folder / "variables.npz").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            write_inputs(args.preset, args.seed, folder, args.blocks)
+        print(f"inputs ready in {time.perf_counter() - t0:.0f} s ({folder}); preset {args.preset}, chain {args.chain}, "
               f"{args.blocks or 'all'} Evoformer blocks, 0 recycles, LoRA r{RANK} {'/'.join(LORA_TARGETS)}; machine load "
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
         base = {"preset": args.preset, "chain": args.chain, "repeats": args.repeats, "policy": args.policy,
