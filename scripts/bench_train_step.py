@@ -12,6 +12,9 @@ gradient under a frozen trunk). The first step's loss and gradient norm must agr
     python scripts/bench_train_step.py --compile-only [--n 128,256,384,512]   # XLA memory plans
     python scripts/bench_train_step.py --strategies partial,partial_unsplit --sides ours --remat on
         # partial_unsplit: Partial back-propagating through every block (the path before the split)
+    python scripts/bench_train_step.py --blocks 4 --strategies lora --remat on --sides ours --profile /tmp/prof
+        # 4 Evoformer blocks on both sides (the per-block cost); top XLA ops of one traced step
+    ... --inputs /tmp/in48   # keep the written inputs there and reuse them in later invocations
 
 Time is the median of `--repeats` steps after one warm-up step.
 """
