@@ -167,23 +167,38 @@ def run_ours(job: dict, folder: Path) -> dict:
     return out
 
 
+MODULES = ("msa_att_row", "msa_att_col", "msa_transition", "outer_product_mean", "tri_mul_out", "tri_mul_in",
+           "tri_att_start", "tri_att_end", "pair_transition")
+STACKS = ("evoformer", "extra_msa_stack", "template_pair_stack")
+
+
 def profile_step(compiled, state, frozen, batch, folder: str, top: int = 25) -> list:
-    """One step under `jax.profiler.trace` (written to `folder`); the `top` XLA ops by total
-    time: [name, ms, calls]. The trace opens in Perfetto / TensorBoard."""
+    """One step under `jax.profiler.trace` (written to `folder`, opens in Perfetto/TensorBoard);
+    XLA op time summed by (stack, module, forward | backward incl. recompute) and by op, each
+    row [what, ms, share]. Ops are named from the HLO's op_name metadata."""
     import gzip
+    import re
     from collections import Counter
 
     import jax
+    op_names = dict(re.findall(r'%?([\w.\-]+) = .*?op_name="([^"]*)"', compiled.as_text()))
     with jax.profiler.trace(folder, create_perfetto_trace=True):
         jax.block_until_ready(compiled(state, frozen, batch)[1])
     trace = max(Path(folder).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     events = [e for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
-              if e.get("ph") == "X" and "dur" in e]
-    ms, calls = Counter(), Counter()
+              if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    total = sum(e["dur"] for e in events) or 1.0
+    by_part, by_op = Counter(), Counter()
     for e in events:
-        ms[e["name"]] += e["dur"] / 1e3
-        calls[e["name"]] += 1
-    return [[name, round(t, 2), calls[name]] for name, t in ms.most_common(top)]
+        op = e["args"]["hlo_op"]
+        name = op_names.get(op, "")
+        stack = next((s for s in STACKS if f"/{s}" in name), "other")
+        module = next((m for m in MODULES if f"/{m}/" in name), "-")
+        phase = "bwd" if "transpose(" in name else "fwd"
+        by_part[f"{stack} {module} {phase}"] += e["dur"]
+        by_op[f"{op} ({'/'.join(name.split('/')[-2:])})"] += e["dur"]
+    rows = lambda c: [[k, round(v / 1e3, 1), round(v / total, 3)] for k, v in c.most_common(top)]
+    return rows(by_part) + [["--- top ops", round(total / 1e3, 1), 1.0]] + rows(by_op)
 
 
 def memory_plan(compiled) -> dict:
@@ -406,8 +421,8 @@ def main() -> None:
                             print(f"    {side} failed: {d['error']}")
                         elif d:
                             print(f"    {side}: loss {d.get('loss'):.6e} grad_norm {d.get('grad_norm'):.6e}")
-                    for name, t_ms, calls in o.get("top_ops", []):
-                        print(f"    {t_ms:10.1f} ms {calls:6d}x  {name}")
+                    for what, t_ms, share in o.get("top_ops", []):
+                        print(f"    {t_ms:10.1f} ms {100 * share:5.1f}%  {what}")
         print("speed = OpenFold step / ours; mem = OpenFold peak RSS / ours; rel = |ours - OpenFold| / |OpenFold|")
 
 
