@@ -18,8 +18,13 @@ PRESETS = tuple(f"model_{i}" for i in range(1, 6)) + tuple(f"model_{i}_ptm" for 
 TINY = "tiny"
 # globals.remat_policy -> what a rematerialised block saves for its backward: nothing (recompute
 # the whole block), matmul outputs (recompute only element-wise work), or matmuls without batch
-# dimensions (the projections; attention logits and triangle products are recomputed).
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# dimensions (the projections; attention logits and triangle products are recomputed); 'auto'
+# (the training default) picks by crop size, see `resolve_remat_policy`.
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "auto")
+# 'auto' saves matmul outputs up to this many residues: at N=64 (model_1_ptm, fp32) that makes
+# the LoRA step ~1.5x faster for ~2 GiB more; its memory grows with N^2..N^3 per block, so
+# longer crops recompute (nothing_saveable) and fit (scripts/bench_train_step.py).
+AUTO_DOTS_MAX_N = 64
 
 
 def _base() -> mlc.ConfigDict:
@@ -141,6 +146,7 @@ def model_config(name: str, train: bool = False, low_prec: bool = False) -> mlc.
         c.globals.num_recycles = 1
     if train:
         c.globals.remat = True
+        c.globals.remat_policy = "auto"
     if low_prec:  # OpenFold's `eps` FieldReference feeds every eps below
         m = c.model
         c.globals.eps = m.template.eps = m.evoformer_stack.eps = m.extra_msa.extra_msa_stack.eps = 1e-4
@@ -151,11 +157,21 @@ def model_config(name: str, train: bool = False, low_prec: bool = False) -> mlc.
 
 def remat_policy(globals_: Any) -> Any:
     """The `jax.checkpoint_policies` function named by `globals_.remat_policy` (default: save
-    nothing)."""
+    nothing; an unresolved 'auto' saves nothing too, see `resolve_remat_policy`)."""
     name = globals_.get("remat_policy", "nothing_saveable")
     if name not in REMAT_POLICIES:
         raise ValueError(f"globals.remat_policy={name!r}; choose one of {REMAT_POLICIES}")
-    return getattr(jax.checkpoint_policies, name)
+    return getattr(jax.checkpoint_policies, "nothing_saveable" if name == "auto" else name)
+
+
+def resolve_remat_policy(c: mlc.ConfigDict, n_res: int) -> mlc.ConfigDict:
+    """`c`, or a copy whose remat_policy 'auto' is made concrete for a crop of `n_res` residues:
+    'dots_saveable' up to AUTO_DOTS_MAX_N residues, else 'nothing_saveable'."""
+    if c.globals.get("remat_policy") != "auto":
+        return c
+    c = copy.deepcopy(c)
+    c.globals.remat_policy = "dots_saveable" if n_res <= AUTO_DOTS_MAX_N else "nothing_saveable"
+    return c
 
 
 def from_openfold(cfg: Any) -> mlc.ConfigDict:

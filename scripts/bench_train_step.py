@@ -12,6 +12,9 @@ gradient under a frozen trunk). The first step's loss and gradient norm must agr
     python scripts/bench_train_step.py --compile-only [--n 128,256,384,512]   # XLA memory plans
     python scripts/bench_train_step.py --strategies partial,partial_unsplit --sides ours --remat on
         # partial_unsplit: Partial back-propagating through every block (the path before the split)
+    python scripts/bench_train_step.py --blocks 4 --strategies lora --remat on --sides ours --profile /tmp/prof
+        # 4 Evoformer blocks on both sides (the per-block cost); top XLA ops of one traced step
+    ... --inputs /tmp/in48   # keep the written inputs there and reuse them in later invocations
 
 Time is the median of `--repeats` steps after one warm-up step.
 """
@@ -44,21 +47,26 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def chain_features(chain: str, n: int) -> dict[str, np.ndarray]:
+def chain_features(chain: str, n: int, tile: bool = False) -> dict[str, np.ndarray]:
+    """The chain's features cropped to its first n residues; `tile`: a shorter chain is repeated
+    up to n (only the shapes matter, for the compile-only memory plans)."""
     from molfun_jax.data import make_features, parse_structure
     from molfun_jax.data.buckets import crop_features
     path = ROOT.parent / "shared" / "fixtures" / "structures" / "chains" / f"{chain}.pdb.gz"
     feats = {k: np.asarray(v) for k, v in make_features(parse_structure(path)).items()}
     n_res = feats["aatype"].shape[0]
-    if n > n_res:
+    if n > n_res and not tile:
         raise SystemExit(f"{path}: chain has {n_res} residues, cannot crop to N={n}")
-    return crop_features(feats, np.arange(n))
+    return crop_features(feats, np.arange(n) % n_res)
 
 
-def bench_config(preset: str, remat: bool, dtype: str = "float32", policy: str | None = None):
+def bench_config(preset: str, remat: bool, dtype: str = "float32", policy: str | None = None,
+                 blocks: int | None = None):
     from molfun_jax.config import model_config
     cfg = model_config(preset, train=True)
     cfg.globals.num_recycles = 0
+    if blocks is not None:  # fewer Evoformer blocks (both sides) to iterate on the per-block cost
+        cfg.model.evoformer_stack.no_blocks = blocks
     cfg.globals.remat = remat
     cfg.globals.dtype = dtype
     if policy is not None:
@@ -67,7 +75,7 @@ def bench_config(preset: str, remat: bool, dtype: str = "float32", policy: str |
 
 
 # --- shared inputs (written once by the parent) --------------------------------------------------
-def write_inputs(preset: str, seed: int, folder: Path) -> None:
+def write_inputs(preset: str, seed: int, folder: Path, blocks: int | None = None) -> None:
     """OpenFold's randomised state dict, its Flax conversion, LoRA adapters (b random, so `a`
     gets a gradient too) and head params, as files both sides read."""
     import jax
@@ -82,7 +90,7 @@ def write_inputs(preset: str, seed: int, folder: Path) -> None:
     from tests.reference import randomize_
     from tests.test_model import openfold_config
 
-    cfg = bench_config(preset, remat=False)
+    cfg = bench_config(preset, remat=False, blocks=blocks)
     torch.manual_seed(seed)
     ref = randomize_(OFAlphaFold(openfold_config(cfg)), seed)
     torch.save(ref.state_dict(), folder / "openfold.pt")
@@ -125,7 +133,7 @@ def run_ours(job: dict, folder: Path) -> dict:
     from molfun_jax.training import (AffinityModel, data_mesh, init_state, make_batches, make_train_step,
                                      replicate, shard_batch)
 
-    cfg = bench_config(job["preset"], job["remat"], job["dtype"], job.get("policy"))
+    cfg = bench_config(job["preset"], job["remat"], job["dtype"], job.get("policy"), job.get("blocks"))
     strategy = _strategy(job["strategy"])
     variables = load_variables(folder, job["strategy"] == "lora")
     split = {"frozen_blocks": 0} if job["strategy"] == "partial_unsplit" else {}
@@ -136,7 +144,7 @@ def run_ours(job: dict, folder: Path) -> dict:
     state, frozen = init_state(plan, variables, tx, jax.random.PRNGKey(0))
     state, frozen = replicate(state, mesh), replicate(frozen, mesh)
     del variables
-    ex = dict(chain_features(job["chain"], job["n"]), target=np.float32(TARGET))
+    ex = dict(chain_features(job["chain"], job["n"], tile=bool(job.get("compile_only"))), target=np.float32(TARGET))
     batch = shard_batch(make_batches([ex], 1, 1)[0], mesh, 1)
     step = make_train_step(model, plan, tx, mesh)
     t0 = time.perf_counter()
@@ -154,9 +162,45 @@ def run_ours(job: dict, folder: Path) -> dict:
         if i == 0:
             out.update(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]))
     out.update(step_s=statistics.median(times[1:]), rss_gib=rss_gib())
+    if job.get("profile"):
+        out["top_ops"] = profile_step(compiled, state, frozen, batch, job["profile"])
     if job.get("forward"):
         out["forward_s"] = time_forward(model, state, frozen, plan, ex, job["repeats"])
     return out
+
+
+MODULES = ("msa_att_row", "msa_att_col", "msa_transition", "outer_product_mean", "tri_mul_out", "tri_mul_in",
+           "tri_att_start", "tri_att_end", "pair_transition")
+STACKS = ("evoformer", "extra_msa_stack", "template_pair_stack")
+
+
+def profile_step(compiled, state, frozen, batch, folder: str, top: int = 25) -> list:
+    """One step under `jax.profiler.trace` (written to `folder`, opens in Perfetto/TensorBoard);
+    XLA op time summed by (stack, module, forward | backward incl. recompute) and by op, each
+    row [what, ms, share]. Ops are named from the HLO's op_name metadata."""
+    import gzip
+    import re
+    from collections import Counter
+
+    import jax
+    op_names = dict(re.findall(r'%?([\w.\-]+) = .*?op_name="([^"]*)"', compiled.as_text()))
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+        jax.block_until_ready(compiled(state, frozen, batch)[1])
+    trace = max(Path(folder).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    events = [e for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+              if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    total = sum(e["dur"] for e in events) or 1.0
+    by_part, by_op = Counter(), Counter()
+    for e in events:
+        op = e["args"]["hlo_op"]
+        name = op_names.get(op, "")
+        stack = next((s for s in STACKS if f"/{s}" in name), "other")
+        module = next((m for m in MODULES if f"/{m}/" in name), "-")
+        phase = "bwd" if "transpose(" in name else "fwd"
+        by_part[f"{stack} {module} {phase}"] += e["dur"]
+        by_op[f"{op} ({'/'.join(name.split('/')[-2:])})"] += e["dur"]
+    rows = lambda c: [[k, round(v / 1e3, 1), round(v / total, 3)] for k, v in c.most_common(top)]
+    return rows(by_part) + [["--- top ops", round(total / 1e3, 1), 1.0]] + rows(by_op)
 
 
 def memory_plan(compiled) -> dict:
@@ -197,7 +241,7 @@ def run_openfold(job: dict, folder: Path) -> dict:
     from tests.test_model import openfold_config, to_openfold_batch
 
     torch.utils.checkpoint.checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    cfg = bench_config(job["preset"], job["remat"])
+    cfg = bench_config(job["preset"], job["remat"], blocks=job.get("blocks"))
     oc = openfold_config(cfg)
     oc.model.evoformer_stack.blocks_per_ckpt = 1 if job["remat"] else None
     oc.model.extra_msa.extra_msa_stack.ckpt = job["remat"]
@@ -311,12 +355,17 @@ def main() -> None:
     ap.add_argument("--n", default="64", help="comma-separated crop sizes")
     ap.add_argument("--remat", default="on,off", help="'on', 'off' or both")
     ap.add_argument("--policy", default=None, help="globals.remat_policy override (ours)")
+    ap.add_argument("--blocks", type=int, default=None, help="Evoformer blocks on both sides (default: the preset's)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sides", default="ours,openfold")
     ap.add_argument("--forward", action="store_true", help="ours: also time the forward (LoRA rows)")
     ap.add_argument("--compile-only", action="store_true",
                     help="ours only: XLA memory plans (fp32 and bf16) of the LoRA step, remat on")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="ours: trace one more step into DIR and print the top ops by time")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--inputs", default=None, metavar="DIR",
+                    help="keep the written inputs in DIR and reuse them when present (same preset/seed/blocks)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -331,13 +380,16 @@ def main() -> None:
     ns = [int(x) for x in args.n.split(",")]
     remats = [r == "on" for r in args.remat.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+        folder = Path(args.inputs or tmp)
         t0 = time.perf_counter()
-        write_inputs(args.preset, args.seed, folder)
-        print(f"inputs written in {time.perf_counter() - t0:.0f} s; preset {args.preset}, chain {args.chain}, "
-              f"0 recycles, LoRA r{RANK} {'/'.join(LORA_TARGETS)}; machine load "
+        if not (folder / "variables.npz").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            write_inputs(args.preset, args.seed, folder, args.blocks)
+        print(f"inputs ready in {time.perf_counter() - t0:.0f} s ({folder}); preset {args.preset}, chain {args.chain}, "
+              f"{args.blocks or 'all'} Evoformer blocks, 0 recycles, LoRA r{RANK} {'/'.join(LORA_TARGETS)}; machine load "
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
-        base = {"preset": args.preset, "chain": args.chain, "repeats": args.repeats, "policy": args.policy}
+        base = {"preset": args.preset, "chain": args.chain, "repeats": args.repeats, "policy": args.policy,
+                "blocks": args.blocks, "profile": args.profile}
         if args.compile_only:
             print(f"{'N':>5} {'dtype':>9} {'compile s':>10} {'XLA temp GiB':>13} {'XLA total GiB':>14}")
             for n in ns:
@@ -371,6 +423,8 @@ def main() -> None:
                             print(f"    {side} failed: {d['error']}")
                         elif d:
                             print(f"    {side}: loss {d.get('loss'):.6e} grad_norm {d.get('grad_norm'):.6e}")
+                    for what, t_ms, share in o.get("top_ops", []):
+                        print(f"    {t_ms:10.1f} ms {100 * share:5.1f}%  {what}")
         print("speed = OpenFold step / ours; mem = OpenFold peak RSS / ours; rel = |ours - OpenFold| / |OpenFold|")
 
 

@@ -1,7 +1,8 @@
 """Our presets equal OpenFold's model configs; tiny is derived from the same code."""
 import pytest
 
-from molfun_jax.config import PRESETS, from_openfold, model_config, remat_policy
+from molfun_jax.config import (AUTO_DOTS_MAX_N, PRESETS, from_openfold, model_config, remat_policy,
+                               resolve_remat_policy)
 import tests.reference  # noqa: F401  (skips without the reference; imports importlib.util)
 
 import openfold.config as of_config  # noqa: E402
@@ -89,3 +90,16 @@ def test_remat_policy_names_jax_policies():
     g.remat_policy = "save_everything"
     with pytest.raises(ValueError, match="remat_policy"):
         remat_policy(g)
+
+
+def test_auto_remat_policy_saves_matmuls_only_for_short_crops():
+    import jax
+
+    c = model_config("tiny", train=True)
+    assert c.globals.remat_policy == "auto"
+    short, long = resolve_remat_policy(c, AUTO_DOTS_MAX_N), resolve_remat_policy(c, AUTO_DOTS_MAX_N + 1)
+    assert remat_policy(short.globals) is jax.checkpoint_policies.dots_saveable
+    assert remat_policy(long.globals) is jax.checkpoint_policies.nothing_saveable
+    assert c.globals.remat_policy == "auto"  # resolved on a copy
+    c.globals.remat_policy = "nothing_saveable"  # an explicit choice is kept
+    assert resolve_remat_policy(c, 8).globals.remat_policy == "nothing_saveable"

@@ -30,6 +30,7 @@ import ml_collections as mlc
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from molfun_jax.config import resolve_remat_policy
 from molfun_jax.heads.affinity import HeadConfig, affinity_loss
 from molfun_jax.heads.registry import ALL_HEAD_INPUT_KEYS, dummy_head_inputs, head_inputs, make_head
 from molfun_jax.lora import init_lora
@@ -90,7 +91,8 @@ class AffinityModel:
         if variables.get("lora"):
             coll["lora"] = variables["lora"]
         deterministic = rng is None or not self.trunk_dropout
-        out = AlphaFold(self.config).apply(coll, ex, deterministic=deterministic, frozen_blocks=self.frozen_blocks or 0,
+        config = resolve_remat_policy(self.config, ex["aatype"].shape[-1])
+        out = AlphaFold(config).apply(coll, ex, deterministic=deterministic, frozen_blocks=self.frozen_blocks or 0,
                                            rngs={"dropout": rng} if rng is not None else None)
         return out["single"] if self.head_config.source == "evoformer" else out["sm"]["single"]
 
