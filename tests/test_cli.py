@@ -226,8 +226,8 @@ KILLER = """
 import os, signal
 from molfun_jax import reports
 _advance, _n = reports.StepProgress.advance, [0]
-def advance(self, loss=None):
-    _advance(self, loss)
+def advance(self, *args, **kwargs):
+    _advance(self, *args, **kwargs)
     _n[0] += 1
     if _n[0] == {step}:
         os.kill(os.getpid(), signal.SIGKILL)

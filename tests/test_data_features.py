@@ -187,7 +187,8 @@ def test_pocket_mask_1hvr_active_site():
 
 def test_templates_off_and_model_interface():
     """Shapes and dtypes are what `molfun_jax.model.AlphaFold` takes (`dummy_features`), plus
-    `pocket_mask`: the feature schema's features; with templates off, one all-zero template with `template_mask` 0."""
+    `pocket_mask`: the feature schema's model inputs and the pocket mask (a chain without a ligand has no ligand
+    features); with templates off, one all-zero template with `template_mask` 0."""
     from molfun_jax.config import model_config
     from molfun_jax.model import dummy_features
     p = parse_structure(FIXTURES / "chains" / "2cviA.pdb.gz")
@@ -195,7 +196,7 @@ def test_templates_off_and_model_interface():
     spec = dummy_features(model_config("tiny"), n, n_seq=1, n_extra=1, n_templ=1)
     for templates in (True, False):
         f = make_features(p, templates=templates)
-        assert set(f) == set(spec) | {"pocket_mask"} == set(FEATURE_SCHEMA.features)
+        assert set(f) == set(spec) | {"pocket_mask"} == set(FEATURE_SCHEMA.model_inputs) | {"pocket_mask"}
         for k, s in spec.items():
             assert f[k].shape == s.shape and f[k].dtype == s.dtype, k
         assert f["pocket_mask"].shape == (n,) and f["pocket_mask"].dtype == FEATURE_SCHEMA.spec("pocket_mask").dtype
