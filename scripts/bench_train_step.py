@@ -61,7 +61,7 @@ def chain_features(chain: str, n: int, tile: bool = False) -> dict[str, np.ndarr
 
 
 def bench_config(preset: str, remat: bool, dtype: str = "float32", policy: str | None = None,
-                 blocks: int | None = None):
+                 blocks: int | None = None, chunk_size: int | None = None):
     from molfun_jax.config import model_config
     cfg = model_config(preset, train=True)
     cfg.globals.num_recycles = 0
@@ -71,6 +71,7 @@ def bench_config(preset: str, remat: bool, dtype: str = "float32", policy: str |
     cfg.globals.dtype = dtype
     if policy is not None:
         cfg.globals.remat_policy = policy
+    cfg.globals.chunk_size = chunk_size
     return cfg
 
 
@@ -133,7 +134,8 @@ def run_ours(job: dict, folder: Path) -> dict:
     from molfun_jax.training import (AffinityModel, data_mesh, init_state, make_batches, make_train_step,
                                      replicate, shard_batch)
 
-    cfg = bench_config(job["preset"], job["remat"], job["dtype"], job.get("policy"), job.get("blocks"))
+    cfg = bench_config(job["preset"], job["remat"], job["dtype"], job.get("policy"), job.get("blocks"),
+                       job.get("chunk_size"))
     strategy = _strategy(job["strategy"])
     variables = load_variables(folder, job["strategy"] == "lora")
     split = {"frozen_blocks": 0} if job["strategy"] == "partial_unsplit" else {}
@@ -355,6 +357,8 @@ def main() -> None:
     ap.add_argument("--n", default="64", help="comma-separated crop sizes")
     ap.add_argument("--remat", default="on,off", help="'on', 'off' or both")
     ap.add_argument("--policy", default=None, help="globals.remat_policy override (ours)")
+    ap.add_argument("--chunk-size", type=int, default=None,
+                    help="ours: globals.chunk_size (attention / outer product mean chunking, for memory)")
     ap.add_argument("--blocks", type=int, default=None, help="Evoformer blocks on both sides (default: the preset's)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sides", default="ours,openfold")
@@ -386,10 +390,11 @@ def main() -> None:
             folder.mkdir(parents=True, exist_ok=True)
             write_inputs(args.preset, args.seed, folder, args.blocks)
         print(f"inputs ready in {time.perf_counter() - t0:.0f} s ({folder}); preset {args.preset}, chain {args.chain}, "
-              f"{args.blocks or 'all'} Evoformer blocks, 0 recycles, LoRA r{RANK} {'/'.join(LORA_TARGETS)}; machine load "
+              f"{args.blocks or 'all'} Evoformer blocks, 0 recycles, LoRA r{RANK} {'/'.join(LORA_TARGETS)}, "
+              f"chunk size {args.chunk_size} (ours); machine load "
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
         base = {"preset": args.preset, "chain": args.chain, "repeats": args.repeats, "policy": args.policy,
-                "blocks": args.blocks, "profile": args.profile}
+                "blocks": args.blocks, "chunk_size": args.chunk_size, "profile": args.profile}
         if args.compile_only:
             print(f"{'N':>5} {'dtype':>9} {'compile s':>10} {'XLA temp GiB':>13} {'XLA total GiB':>14}")
             for n in ns:

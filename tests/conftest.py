@@ -40,10 +40,27 @@ def pytest_make_collect_report(collector):
         _fail_skip(report, collector.nodeid)
 
 
+def _parity_rows() -> list:
+    ref = sys.modules.get("tests.reference") or sys.modules.get("reference")
+    return getattr(ref, "PARITY", [])
+
+
+_WORKER_PARITY: list = []  # rows sent back by pytest-xdist workers (each runs its own tests.reference)
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: hand the rows to the controller
+        session.config.workeroutput["parity"] = [list(r) for r in _parity_rows()]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _WORKER_PARITY.extend(tuple(r) for r in getattr(node, "workeroutput", {}).get("parity", []))
+
+
 def pytest_terminal_summary(terminalreporter):
     """Print (and save) the parity table collected by tests.reference.assert_parity."""
-    ref = sys.modules.get("tests.reference") or sys.modules.get("reference")
-    rows = getattr(ref, "PARITY", [])
+    rows = sorted(_parity_rows() + _WORKER_PARITY)
     if not rows:
         return
     lines = ["| module | max abs error (valid) | rel. error (valid) | rel. error (all positions) |",

@@ -129,7 +129,7 @@ def test_padding_to_a_larger_bucket_changes_nothing():
     small = padded_features("3a4rA.pdb.gz", n_pad=0, n_msa=4, n_extra=8)
     n = len(small["aatype"])
     big = padded_features("3a4rA.pdb.gz", n_pad=11, n_msa=7, n_extra=15)
-    params = AlphaFold(cfg).init(jax.random.PRNGKey(0), small)["params"]
+    params = jax.jit(AlphaFold(cfg).init)(jax.random.PRNGKey(0), small)["params"]
     params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
     run = jax.jit(lambda f: AlphaFold(cfg).apply({"params": params}, f))
     a, b = run(small), run(big)
@@ -149,13 +149,14 @@ def test_recycling_compiles_once_whatever_the_count():
     sizes = {}
     for r in (1, 4):
         cfg.globals.num_recycles = r
-        params = AlphaFold(cfg).init(jax.random.PRNGKey(0), feats)
+        params = jax.eval_shape(AlphaFold(cfg).init, jax.random.PRNGKey(0), feats)  # shapes are all lowering needs
         text = jax.jit(lambda p, f: AlphaFold(cfg).apply(p, f)).lower(params, feats).as_text()
         sizes[r] = len(text)
     # the recycled iteration is one scan body: program size does not grow with the count
     assert sizes[1] == sizes[4], sizes
 
 
+@pytest.mark.slow  # ~2 min; tests/test_bf16.py checks the bf16 prediction against fp32 by default
 def test_bfloat16_compute_close_to_float32():
     cfg = model_config("tiny")
     feats = structure_features("3a4rA.pdb.gz")
