@@ -4,6 +4,7 @@ softmax (exp after the max subtraction) computes in float32 -- read off the jaxp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from molfun_jax.training import (AffinityModel, LoRA, data_mesh, init_state, make_batches, make_train_step,
                                  replicate, shard_batch, with_dtype)
@@ -45,6 +46,7 @@ def test_bf16_forward_runs_finite_with_float32_norms_and_softmax():
     assert abs(float(p16) - float(p32)) <= 0.05 * max(abs(float(p32)), 1.0)  # bf16 rounding, not a bug
 
 
+@pytest.mark.slow  # ~25 s; the bf16 forward check runs by default
 def test_bf16_lora_step_runs_and_updates_float32_params():
     s = LoRA(rank=2, lr_lora=1e-2, amp=True)
     model = AffinityModel(with_dtype(tiny_config(), s.compute_dtype))

@@ -94,6 +94,7 @@ def test_lora_merge_export(lora_run, chain_examples, tmp_path):
     assert np.array_equal(model.predict(chain_examples), p_mem)
 
 
+@pytest.mark.slow  # ~30 s; the LoRA save/load test runs by default
 def test_full_save_load_predict_bit_exact(fast_weights, chain_examples, tmp_path):
     model = make_model(fast_weights, Full(lr=1e-3, amp=False))
     model.fit(chain_examples[:4], epochs=1, batch_size=2, progress=False)  # in memory, no output

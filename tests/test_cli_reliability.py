@@ -42,6 +42,7 @@ def test_damaged_checkpoint_is_one_error_line(script, lora_cli_run, tmp_path, co
     assert lines[0].startswith("error: ") and str(best) in lines[0] and rel in lines[0], lines[0]
 
 
+@pytest.mark.slow  # ~30 s; test_corruption's resume fall-back runs by default
 def test_resume_falls_back_past_a_damaged_newest_checkpoint(lora_cli_run, tmp_path, compile_cache):
     """The run kept checkpoints/2 and 3 (--keep 2): with 3's arrays truncated, `--resume` says it
     falls back to epoch 2, moves 3 aside and retrains epoch 3 as the uninterrupted run did."""

@@ -31,6 +31,7 @@ def test_full_model_has_openfold_parameter_count(full_sd):
     assert sum(v.numel() for v in full_sd.values()) == 93_237_338
 
 
+@pytest.mark.slow  # ~15 s a preset; model_1_ptm's count is checked by default
 @pytest.mark.parametrize("preset", ["model_1", "model_3_ptm"])
 def test_other_presets_match_openfold_counts(preset):
     want = sum(p.numel() for p in OFAlphaFold(of_config.model_config(preset)).parameters())
@@ -49,6 +50,7 @@ def test_round_trip_is_bit_exact(full_sd):
         assert torch.equal(back[k], v), k
 
 
+@pytest.mark.slow  # ~20 s; the round trip and the converter CLI run by default
 def test_v2_layout_converts_to_the_same_params(full_sd):
     cfg = model_config("model_1_ptm")
     v2 = {v1_to_v2_key(k): t for k, t in full_sd.items()}

@@ -121,6 +121,7 @@ def test_tiny_model_matches_openfold(num_recycles, templates, extra_msa):
     compare(cfg, feats, f"tiny r{num_recycles} templ={templates} extra={extra_msa}")
 
 
+@pytest.mark.slow  # ~2 min (3 compiles); the padded OpenFold parity above runs by default
 def test_padding_to_a_larger_bucket_changes_nothing():
     """The same example (templates, MSA, extra MSA, 1 recycle) in a larger bucket: more padded
     residues, MSA and extra-MSA rows give the same outputs at the valid positions (<= 1e-5)."""

@@ -59,6 +59,7 @@ def test_predict_folder_and_unlabelled_csv(lora_cli_run, tmp_path):
     assert {r["pdb_id"]: r["prediction"] for r in read(out2)} == {r["pdb_id"]: r["prediction"] for r in rows}
 
 
+@pytest.mark.slow  # ~25 s; test_checkpoint's merge/export check runs by default
 def test_export_predicts_the_same(lora_cli_run, data_csv, tmp_path, capsys):
     from scripts.export import main as export
 

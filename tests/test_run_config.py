@@ -19,6 +19,7 @@ def without_time(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
 
 
+@pytest.mark.slow  # ~40 s: two CLI runs
 def test_yaml_config_reproduces_the_flag_run(tmp_path, data_csv, tiny_weights, compile_cache):
     import yaml
 

@@ -53,6 +53,7 @@ def projection_size(config) -> int:
     return c_m * c_s + c_s
 
 
+@pytest.mark.slow  # ~1 min (a CLI run and a resume); the API fit of the new strategy runs by default
 def test_cli_knows_the_new_strategy(tmp_path, data_csv, tiny_weights, compile_cache, capsys):
     from molfun_jax.api import MolfunStructureModel
     from molfun_jax.cli.train import parse_args

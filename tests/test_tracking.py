@@ -43,6 +43,7 @@ def test_tensorboard_event_files(tmp_path, data_csv, tiny_weights, compile_cache
                                                                               "val_scatter.png", "metrics.csv"}
 
 
+@pytest.mark.slow  # a CLI run per tracker; TensorBoard's runs by default
 def test_mlflow_file_store(tmp_path, data_csv, tiny_weights, compile_cache):
     import mlflow
 
@@ -60,6 +61,7 @@ def test_mlflow_file_store(tmp_path, data_csv, tiny_weights, compile_cache):
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"report.json", "loss.png", "metrics.csv"}
 
 
+@pytest.mark.slow  # a CLI run per tracker; TensorBoard's runs by default
 def test_wandb_offline_run_folder(tmp_path, data_csv, tiny_weights, compile_cache, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

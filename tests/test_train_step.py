@@ -109,6 +109,7 @@ DP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~1 min; tests/test_multiprocess.py checks 2 processes x 2 devices too
 def test_data_parallel_two_devices_equal_one():
     """The same global batch on 2 forced host devices and on 1: same gradient, loss and AdamW +
     EMA update."""
@@ -253,6 +254,7 @@ def reverse_scan_lengths(jaxpr) -> list:
     return [eqn.params["length"] for eqn in walk(jaxpr) if eqn.primitive.name == "scan" and eqn.params["reverse"]]
 
 
+@pytest.mark.slow  # ~40 s; test_evoformer's frozen_blocks variant checks the split's gradients by default
 def test_partial_split_same_update_without_frozen_backward():
     """Partial(1) on the 2-block tiny stack: the step that runs block 0 forward-only (taken
     from the plan) gives the gradient and updated params of the step that back-propagates
