@@ -157,16 +157,16 @@ def test_recycling_compiles_once_whatever_the_count():
     assert sizes[1] == sizes[4], sizes
 
 
-@pytest.mark.slow  # ~2 min; tests/test_bf16.py checks the bf16 prediction against fp32 by default
+@pytest.mark.slow  # ~1 min; tests/test_bf16.py checks the bf16 prediction against fp32 by default
 def test_bfloat16_compute_close_to_float32():
     cfg = model_config("tiny")
     feats = structure_features("3a4rA.pdb.gz")
-    params = AlphaFold(cfg).init(jax.random.PRNGKey(0), feats)["params"]
+    params = jax.jit(AlphaFold(cfg).init)(jax.random.PRNGKey(0), feats)["params"]
     params = jax.tree_util.tree_map(lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
-    f32 = AlphaFold(cfg).apply({"params": params}, feats)
+    f32 = jax.jit(AlphaFold(cfg).apply)({"params": params}, feats)
     cfg16 = model_config("tiny")
     cfg16.globals.dtype = "bfloat16"
-    b16 = AlphaFold(cfg16).apply({"params": params}, feats)
+    b16 = jax.jit(AlphaFold(cfg16).apply)({"params": params}, feats)
     err, rel = rel_error(np.asarray(b16["single"], np.float32), np.asarray(f32["single"]))
     print(f"bf16 vs fp32 single: max abs {err:.3e}, rel {rel:.3e}")
     assert rel <= 2e-2

@@ -130,7 +130,9 @@ def chunk_layer(fn: Callable[..., Array], args: Sequence[Array], chunk_size: Opt
 
         return fn(*(pick(a, s, w) for a, s, w in zip(args, shared, whole)))
 
-    out = jax.lax.map(one, chunked)
+    # each chunk is recomputed in the backward pass: otherwise the map keeps every chunk's
+    # intermediates for its gradient, and training would take the unchunked memory
+    out = jax.lax.map(jax.checkpoint(one, prevent_cse=False), chunked)  # no CSE to prevent in a scan body
     out = out.reshape((n_chunks * chunk_size,) + out.shape[2:])[:n]
     return out.reshape(batch_shape + out.shape[1:])
 
