@@ -47,7 +47,9 @@ class MolfunStructureModel:
     preset: `model_1`..`model_5[_ptm]` or `tiny`; `config` overrides it (a `model_config` tree).
     strategy: `HeadOnly`, `LoRA` (default), `Partial` or `Full` (`molfun_jax.training`).
     weights: None (random), an OpenFold `.pt` or a converted folder.
-    num_recycles: None = the preset's. seed: head / adapter init, data order, dropout (and the
+    num_recycles: None = the preset's. chunk_size: None (off) or the rows per chunk of the
+    attention, outer product mean and transition layers, in training too (memory for recompute;
+    the numbers do not change). seed: head / adapter init, data order, dropout (and the
     trunk init without weights). head_config: any registered head's config (`HeadConfig`, the
     pocket head, by default; `LigandHeadConfig`, the ligand head). ligand_config: the ligand
     featurisation the examples were made with (recorded in meta for the ligand head).
@@ -55,7 +57,8 @@ class MolfunStructureModel:
 
     def __init__(self, preset: str = "model_1_ptm", strategy: Optional[Strategy] = None, *,
                  weights: Optional[str | Path] = None, num_recycles: Optional[int] = None,
-                 head_config: Optional[Any] = None, ligand_config: Optional[LigandConfig] = None, seed: int = 0,
+                 chunk_size: Optional[int] = None, head_config: Optional[Any] = None,
+                 ligand_config: Optional[LigandConfig] = None, seed: int = 0,
                  config: Optional[mlc.ConfigDict] = None, cache_dir: Optional[str | Path] = None,
                  log: Optional[Callable[[str], None]] = None, data_info: Optional[Mapping[str, Any]] = None,
                  _base: Optional[tuple[dict, dict]] = None) -> None:
@@ -65,6 +68,10 @@ class MolfunStructureModel:
             if num_recycles < 0:
                 raise ValueError(f"num_recycles must be >= 0, got {num_recycles}")
             self.config.globals.num_recycles = int(num_recycles)
+        if chunk_size is not None:
+            if chunk_size < 1:
+                raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            self.config.globals.chunk_size = int(chunk_size)
         self.strategy = strategy if strategy is not None else LoRA()
         self.head_config = head_config or HeadConfig()
         head_kind(self.head_config)  # a registered head

@@ -154,6 +154,19 @@ def test_resume_equals_uninterrupted(fast_weights, chain_examples, tmp_path):
     assert np.array_equal(resumed.predict(val), MolfunStructureModel.load(tmp_path / "a").predict(val))
 
 
+def test_chunk_size_changes_memory_not_predictions(lora_run, fast_weights, chain_examples):
+    """`chunk_size=2` (below the 16-residue crop: every chunked layer runs in several chunks)
+    predicts what the unchunked model predicts, with the same variables."""
+    model, _, _ = lora_run
+    chunked = make_model(fast_weights, model.strategy, chunk_size=2)
+    assert chunked.config.globals.chunk_size == 2 and model.config.globals.chunk_size is None
+    chunked.variables, chunked.norm = model.variables, model.norm
+    ref, got = model.predict(chain_examples[:2]), chunked.predict(chain_examples[:2])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        make_model(fast_weights, model.strategy, chunk_size=0)
+
+
 def test_refuses_another_preset_strategy_or_config(lora_run, fast_weights):
     _, run, _ = lora_run
     with pytest.raises(ckpt.CheckpointError, match=r"strategy\.name: 'lora' in the checkpoint, 'full' here"):

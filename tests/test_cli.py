@@ -82,6 +82,7 @@ BAD_FLAGS = [
     (["--early-stopping", "-2"], "--early-stopping must be >= 0"),
     (["--max-len", "4"], "--max-len must be >= 8"),
     (["--num-recycles", "-1"], "--num-recycles must be >= 0"),
+    (["--chunk-size", "0"], "--chunk-size must be >= 1"),
     (["--strategy", "partial", "--unfreeze-blocks", "0"], "--unfreeze-blocks must be >= 1"),
     (["--strategy", "partial", "--unfreeze-blocks", "3"], "--unfreeze-blocks 3: the Evoformer has 2 blocks (preset tiny)"),
     (["--val-frac", "0.6", "--test-frac", "0.5"], "must leave some training data"),

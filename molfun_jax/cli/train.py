@@ -111,6 +111,9 @@ def train_flags() -> list[Flag]:
         flag("--preset", group=m, default="model_1_ptm", help="model_1..5[_ptm] or tiny (default model_1_ptm)"),
         flag("--num-recycles", group=m, type=int, default=None, valid=GE0,
              help="recycling iterations (default: the preset's, 3)"),
+        flag("--chunk-size", group=m, type=int, default=None, valid=GE1,
+             help="run attention, outer product mean and transitions in chunks of this many rows, "
+                  "recomputed in the backward pass: less memory for long crops, same numbers (default off)"),
         flag("--precision", group=m, choices=("fp32", "bf16"), default=None,
              help="compute dtype (default bf16 on GPU/TPU, fp32 on CPU)"),
         flag("--no-amp", group=m, action="store_true", help="same as --precision fp32"),
@@ -436,7 +439,7 @@ def build_model(a: argparse.Namespace, data_info: Mapping[str, Any]) -> Any:
         say(f"Weights: none given -> random initialisation (seed {a.seed}); pass --weights for a "
             "pretrained OpenFold model")
     model = MolfunStructureModel(a.preset, build_strategy(a), weights=a.weights, num_recycles=a.num_recycles,
-                                 head_config=HEADS[kind].config(), seed=a.seed,
+                                 chunk_size=a.chunk_size, head_config=HEADS[kind].config(), seed=a.seed,
                                  cache_dir=Path(a.output) / "weights_cache", log=say, data_info=data_info)
     if a.weights is not None:
         say(f"Weights: {a.weights} ({model.base_weights['kind']})")
