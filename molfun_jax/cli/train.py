@@ -11,13 +11,15 @@
 `--data` is a CSV of `pdb_id,affinity` (and optional `year`, `chain`, `ligand`, `ligand_file`,
 `smiles`, `resolution` columns) or a PDBbind index file; `--pdbs` holds `{pdb_id}.pdb|.cif[.gz]`
 or the PDBbind layout `{pdb_id}/{pdb_id}_protein.pdb` + `_ligand.sdf|.mol2`. `--head` picks the
-affinity head (`molfun_jax.heads.HEADS`; default ligand when every entry has a ligand). `--config` (YAML or JSON) maps flag names (with `_`, e.g.
-`batch_size`) to values; the `run_args.json` a run writes is such a config. Strategy flags
-(`--strategy`, `--lr`, each strategy's own options) come from `molfun_jax.training.STRATEGIES`.
+affinity head (`molfun_jax.heads.HEADS`; default ligand when every entry has a ligand).
+`--config` (YAML or JSON) maps flag names (with `_`, e.g. `batch_size`) to values; the
+`run_args.json` a run writes is such a config. Strategy flags (`--strategy`, `--lr`, each
+strategy's own options) come from `molfun_jax.training.STRATEGIES`.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import sys
 import time
@@ -70,11 +72,10 @@ def _strategy_flags() -> list[Flag]:
 
 def train_flags() -> list[Flag]:
     """The flag table of train.py (read by the parser, `--config`, resume and the strategy)."""
+    from molfun_jax.heads import HEADS
     from molfun_jax.tracking import TRACKERS
     from molfun_jax.training.guard import MAX_SKIPPED_STEPS
     from molfun_jax.training.schedules import SCHEDULERS
-
-    from molfun_jax.heads import HEADS
 
     d, m, t, o = "data", "model", "fine-tuning", "output"
     return [
@@ -380,10 +381,8 @@ def load_splits(a: argparse.Namespace) -> tuple[list[Example], list[Example], li
 
 
 def _counts(values: Any) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for v in values:
-        out[int(v)] = out.get(int(v), 0) + 1
-    return dict(sorted(out.items()))
+    """{value: how many}, by value."""
+    return dict(sorted(collections.Counter(int(v) for v in values).items()))
 
 
 def entry_filters(a: argparse.Namespace) -> Any:

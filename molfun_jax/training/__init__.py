@@ -3,8 +3,7 @@ data parallelism (docs/architecture.md)."""
 from molfun_jax.training.distributed import (data_mesh, initialize, is_primary, replicate, shard_batch, sync,
                                              to_host)
 from molfun_jax.training.fit import (FitResult, cache_entry_bytes, cache_trunk, count_steps, evaluate, fit,
-                                     make_batches,
-                                     predict_all, target_norm)
+                                     make_batches, predict_all, target_norm)
 from molfun_jax.training.guard import (MAX_SKIPPED_STEPS, NonFiniteInputError, SkippedStepsError,
                                        check_finite_examples)
 from molfun_jax.training.schedules import layer_decay_factors, make_schedule, steps_per_epoch
