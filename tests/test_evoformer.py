@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import opt_einsum
 import pytest
 
 from molfun_jax.config import model_config
@@ -97,8 +98,13 @@ def test_msa_transition(masked):
     np.testing.assert_allclose(chunked, got, rtol=0, atol=1e-6)
 
 
-def test_outer_product_mean():
-    m, _, msa_mask, pair_mask = inputs(5)
+@pytest.mark.parametrize("n_seq", [1, 5, 40])
+def test_outer_product_mean(n_seq):
+    """Shallow MSAs contract the projection first, deep ones form the outer product first
+    (the einsum's FLOP-optimal order); both equal OpenFold."""
+    m, _, msa_mask, pair_mask = inputs(5, n_seq=n_seq)
+    if n_seq == 1:  # a single sequence: unmasked (the helper pads the last sequence)
+        msa_mask = np.broadcast_to(pair_mask[:1, :], msa_mask.shape).copy()
     ref = randomize_(of_opm.OuterProductMean(C_M, C_Z, 5), 5)
     want = ref(to_torch(m), mask=to_torch(msa_mask))
     mod = OuterProductMean(C_M, C_Z, 5)
@@ -107,6 +113,15 @@ def test_outer_product_mean():
     want_c = ref(to_torch(m), mask=to_torch(msa_mask), chunk_size=3)
     got_c = mod.apply({"params": flax_params(ref)}, m, mask=msa_mask, chunk_size=3)
     assert_parity("OuterProductMean(chunk_size=3)", got_c, want_c, mask=pair_mask)
+
+
+def test_outer_product_mean_cases_cover_both_contraction_orders():
+    """The cases above take different einsum paths: projection-first at 1 sequence,
+    outer-product-first at 40."""
+    c = 5
+    path = lambda s: opt_einsum.contract_path("...sc,...jse,cez->...jz", np.ones((N_RES, s, c)),
+                                              np.ones((1, N_RES, s, c)), np.ones((c, c, C_Z)), optimize="optimal")[0]
+    assert path(1) != path(40)
 
 
 @pytest.mark.parametrize("ours,theirs", [(TriangleMultiplicationOutgoing, of_tm.TriangleMultiplicationOutgoing),

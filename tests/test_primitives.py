@@ -1,10 +1,11 @@
 """Primitives vs OpenFold: Linear/LayerNorm/Attention/GlobalAttention; chunking; converter table."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from molfun_jax.model.primitives import Attention, GlobalAttention, LayerNorm, Linear, chunk_layer
+from molfun_jax.model.primitives import Attention, GlobalAttention, LayerNorm, Linear, LinearWeights, chunk_layer
 from tests.reference import assert_parity, flax_params, padded_mask, randomize_, to_torch, torch
 
 from openfold.model import primitives as of  # noqa: E402
@@ -18,6 +19,28 @@ def test_linear_and_layernorm_match_openfold():
     assert_parity("Linear", ours, lin(to_torch(x)))
     ln = randomize_(of.LayerNorm(7))
     assert_parity("LayerNorm", LayerNorm().apply({"params": flax_params(ln)}, x), ln(to_torch(x)))
+
+
+def test_channel_first_linear_equals_the_openfold_checked_last_axis_one():
+    """Linear(out_axis=-3) (the triangle updates' channel-first projections) equals the
+    last-axis Linear (checked against OpenFold above) with the feature axis moved, LoRA adapter
+    and bias included; LinearWeights creates Linear's params, same names and inits."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 4, 5, 7)).astype(np.float32)  # [*, I, J, C]
+    params = {"kernel": rng.normal(size=(7, 11)).astype(np.float32), "bias": rng.normal(size=(11,)).astype(np.float32)}
+    lora = {"a": rng.normal(size=(7, 3)).astype(np.float32), "b": rng.normal(size=(3, 11)).astype(np.float32),
+            "scale": np.float32(0.5)}
+    v = {"params": params, "lora": lora}
+    last = Linear(11).apply(v, x)  # [*, I, J, 11]
+    first = Linear(11, out_axis=-3).apply(v, x)  # [*, 11, I, J]
+    np.testing.assert_allclose(first, np.moveaxis(np.asarray(last), -1, -3), rtol=1e-5, atol=1e-5)
+    for init in ("default", "gating", "final"):
+        key = jax.random.PRNGKey(4)
+        # nn.Module.init: the Linear field `init` (the initialiser's name) shadows the method
+        want = nn.Module.init(Linear(11, init=init), key, x)["params"]
+        got = nn.Module.init(LinearWeights(11, init=init), key, 7)["params"]
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
 
 
 @pytest.mark.parametrize("gating", [True, False])

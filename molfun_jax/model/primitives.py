@@ -39,18 +39,23 @@ class Linear(nn.Module):
     low-rank update `scale * (x @ a) @ b` is added (docs/architecture.md); the base kernel is untouched.
     An optional `dropout: []` leaf (the LoRA dropout rate) drops elements of the adapter's input x
     when the apply has a 'dropout' RNG.
+
+    `out_axis`: where the output features go (counted from the end; default the last). A
+    channel-first pair layout (`out_axis=-3`: [*, C, N_res, N_res]) lets a triangle update
+    contract residues without transposing each projection (see `dense`).
     """
     features: int
     use_bias: bool = True
     init: str = "default"
     dtype: jnp.dtype = jnp.float32
+    out_axis: int = -1
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        # x: [*, in] -> [*, features]
-        kernel = self.param("kernel", _KERNEL_INITS[self.init], (x.shape[-1], self.features), jnp.float32)
+        # x: [*, in] -> [*, features] (out_axis=-3: x [*, A, B, in] -> [*, features, A, B])
+        kernel, bias = _linear_params(self, x.shape[-1])
         x = x.astype(self.dtype)
-        y = jnp.matmul(x, kernel.astype(self.dtype))
+        y = dense(x, kernel.astype(self.dtype), self.out_axis)
         if self.has_variable("lora", "a"):
             a = self.get_variable("lora", "a").astype(self.dtype)
             b = self.get_variable("lora", "b").astype(self.dtype)
@@ -60,11 +65,46 @@ class Linear(nn.Module):
                 rate = self.get_variable("lora", "dropout")
                 keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
                 x_lora = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
-            y = y + self.get_variable("lora", "scale").astype(self.dtype) * ((x_lora @ a) @ b)
-        if self.use_bias:
-            bias_init = nn.initializers.ones if self.init == "gating" else nn.initializers.zeros
-            y = y + self.param("bias", bias_init, (self.features,), jnp.float32).astype(self.dtype)
+            y = y + self.get_variable("lora", "scale").astype(self.dtype) * dense(x_lora @ a, b, self.out_axis)
+        if bias is not None:
+            bias = bias.astype(self.dtype)
+            y = y + bias.reshape(bias.shape + (1,) * (-1 - self.out_axis))
         return y
+
+
+def _linear_params(m: nn.Module, c_in: int) -> tuple[Array, Optional[Array]]:
+    """The kernel [in, out] (AlphaFold's `init`) and bias (None without) of a Linear-like module."""
+    kernel = m.param("kernel", _KERNEL_INITS[m.init], (c_in, m.features), jnp.float32)
+    if not m.use_bias:
+        return kernel, None
+    bias_init = nn.initializers.ones if m.init == "gating" else nn.initializers.zeros
+    return kernel, m.param("bias", bias_init, (m.features,), jnp.float32)
+
+
+class LinearWeights(nn.Module):
+    """The params of a `Linear` with the same name and fields, returned for a caller that
+    contracts them itself (a projection fused into a larger einsum); no LoRA adapter."""
+    features: int
+    use_bias: bool = True
+    init: str = "default"
+
+    @nn.compact
+    def __call__(self, c_in: int) -> tuple[Array, Optional[Array]]:
+        # -> kernel [c_in, features], bias [features] | None
+        return _linear_params(self, c_in)
+
+
+def dense(x: Array, kernel: Array, out_axis: int = -1) -> Array:
+    """x [*, in] @ kernel [in, out], with the output features at `out_axis`.
+
+    `out_axis != -1` is computed as kernel^T x^T, whose output [out, *] is channel-first
+    already; the move to `out_axis` is free when nothing precedes it. XLA then transposes x once
+    for all projections of it, instead of transposing each output.
+    """
+    if out_axis == -1:
+        return jnp.matmul(x, kernel)
+    y = jax.lax.dot_general(kernel, x, (((0,), (x.ndim - 1,)), ((), ())))  # [out, *]
+    return jnp.moveaxis(y, 0, out_axis)
 
 
 class LayerNorm(nn.Module):

@@ -27,16 +27,21 @@ class TriangleMultiplicativeUpdate(nn.Module):
         # z: [*, N_res, N_res, C_z], mask: [*, N_res, N_res] -> [*, N_res, N_res, C_z]
         if mask is None:
             mask = jnp.ones(z.shape[:-1], jnp.float32)
-        mask = mask[..., None].astype(self.dtype)
-        lin = lambda c, name, init="default": Linear(c, init=init, dtype=self.dtype, name=name)
-        z = LayerNorm(name="layer_norm_in")(z)
-        # [*, N_res, N_res, C_hidden]
-        a = mask * jax.nn.sigmoid(lin(self.c_hidden, "linear_a_g", "gating")(z)) * lin(self.c_hidden, "linear_a_p")(z)
-        b = mask * jax.nn.sigmoid(lin(self.c_hidden, "linear_b_g", "gating")(z)) * lin(self.c_hidden, "linear_b_p")(z)
-        eq = "...ikc,...jkc->...ijc" if self.outgoing else "...kic,...kjc->...ijc"
-        x = jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)
-        x = lin(self.c_z, "linear_z", "final")(LayerNorm(name="layer_norm_out")(x))
-        g = jax.nn.sigmoid(lin(self.c_z, "linear_g", "gating")(z))
+        mask = mask[..., None, :, :].astype(self.dtype)  # [*, 1, N_res, N_res]
+        z = LayerNorm(name="layer_norm_in")(z)  # [*, N_res, N_res, C_z]
+        # channel-first edge projections: the edge product is then a matmul batched over channels,
+        # with one transpose of z for all four projections instead of one per operand
+        proj = lambda name, init="default": Linear(self.c_hidden, init=init, dtype=self.dtype, out_axis=-3,
+                                                   name=name)(z)  # [*, C_hidden, N_res, N_res]
+        a = mask * jax.nn.sigmoid(proj("linear_a_g", "gating")) * proj("linear_a_p")  # [*, C_hidden, N_res, N_res]
+        b = mask * jax.nn.sigmoid(proj("linear_b_g", "gating")) * proj("linear_b_p")  # [*, C_hidden, N_res, N_res]
+        eq = "...cik,...cjk->...cij" if self.outgoing else "...cki,...ckj->...cij"
+        x = jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)  # [*, C_hidden, N_res, N_res]
+        x = jnp.moveaxis(x, -3, -1)  # [*, N_res, N_res, C_hidden]
+        x = LayerNorm(name="layer_norm_out")(x)  # [*, N_res, N_res, C_hidden]
+        x = Linear(self.c_z, init="final", dtype=self.dtype, name="linear_z")(x)  # [*, N_res, N_res, C_z]
+        # [*, N_res, N_res, C_z]
+        g = jax.nn.sigmoid(Linear(self.c_z, init="gating", dtype=self.dtype, name="linear_g")(z))
         return x * g
 
 
