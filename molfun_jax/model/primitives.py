@@ -42,7 +42,7 @@ class Linear(nn.Module):
 
     `out_axis`: where the output features go (counted from the end; default the last). A
     channel-first pair layout (`out_axis=-3`: [*, C, N_res, N_res]) lets a triangle update
-    contract residues without transposing each projection (see `dense`).
+    contract residues without transposing each projection (see `_dense`).
     """
     features: int
     use_bias: bool = True
@@ -55,7 +55,7 @@ class Linear(nn.Module):
         # x: [*, in] -> [*, features] (out_axis=-3: x [*, A, B, in] -> [*, features, A, B])
         kernel, bias = _linear_params(self, x.shape[-1])
         x = x.astype(self.dtype)
-        y = dense(x, kernel.astype(self.dtype), self.out_axis)
+        y = _dense(x, kernel.astype(self.dtype), self.out_axis)
         if self.has_variable("lora", "a"):
             a = self.get_variable("lora", "a").astype(self.dtype)
             b = self.get_variable("lora", "b").astype(self.dtype)
@@ -65,7 +65,7 @@ class Linear(nn.Module):
                 rate = self.get_variable("lora", "dropout")
                 keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
                 x_lora = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
-            y = y + self.get_variable("lora", "scale").astype(self.dtype) * dense(x_lora @ a, b, self.out_axis)
+            y = y + self.get_variable("lora", "scale").astype(self.dtype) * _dense(x_lora @ a, b, self.out_axis)
         if bias is not None:
             bias = bias.astype(self.dtype)
             y = y + bias.reshape(bias.shape + (1,) * (-1 - self.out_axis))
@@ -94,7 +94,7 @@ class LinearWeights(nn.Module):
         return _linear_params(self, c_in)
 
 
-def dense(x: Array, kernel: Array, out_axis: int = -1) -> Array:
+def _dense(x: Array, kernel: Array, out_axis: int = -1) -> Array:
     """x [*, in] @ kernel [in, out], with the output features at `out_axis`.
 
     `out_axis != -1` is computed as kernel^T x^T, whose output [out, *] is channel-first
