@@ -1,6 +1,7 @@
 """The fit loop on real chains: every strategy learns a structure-derived target, frozen params
 stay bit-identical; head-only cache = slow path; EMA validation, early stopping, best restore;
 batching and step counts."""
+import importlib
 import math
 
 import jax
@@ -157,3 +158,16 @@ def test_batches_and_step_count():
     assert len(shuffled) == 3 and sorted(float(g["weight"].sum()) for g in shuffled) == [1.0, 3.0, 6.0]
     with pytest.raises(ValueError, match="target"):
         make_batches([{"aatype": np.zeros(3)}], 1)
+
+
+def test_fit_releases_host_memory_once_per_compiled_batch_shape(monkeypatch):
+    """The compiler's freed heap goes back to the OS after each new compile of the train step:
+    two length buckets over two epochs (2 steps an epoch) compile twice."""
+    fit_module = importlib.import_module("molfun_jax.training.fit")  # the package's `fit` is the function
+    calls = []
+    monkeypatch.setattr(fit_module, "release_host_memory", lambda: calls.append(1) or True)
+    cfg = tiny_config()
+    exs = [synthetic_example(cfg, 8, i) for i in range(2)] + [synthetic_example(cfg, 12, 100 + i) for i in range(2)]
+    strategy = HeadOnly(amp=False)
+    fit(cfg, strategy, start(strategy), exs, epochs=2, batch_size=2, cache=False, progress=False)
+    assert len(calls) == 2

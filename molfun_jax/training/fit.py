@@ -25,6 +25,7 @@ from molfun_jax.heads.affinity import HeadConfig, TargetNorm, affinity_loss
 from molfun_jax.reports import StepProgress, regression_metrics
 from molfun_jax.training.distributed import data_mesh, replicate, shard_batch, to_host
 from molfun_jax.training.guard import MAX_SKIPPED_STEPS, SkipCounter
+from molfun_jax.training.memory import release_host_memory
 from molfun_jax.training.schedules import steps_per_epoch
 from molfun_jax.training.step import (CACHED_KEY, HEAD_INPUT_KEYS, AffinityModel, eval_params, init_state,
                                       make_predict_step, make_single_step, make_train_step, with_dtype)
@@ -181,8 +182,10 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
     head on them. Early stopping watches the val loss (the train loss without `val`) with
     `strategy.early_stopping_patience` (0 = off). `on_epoch_end(epoch, row, state, is_best)` runs
     after each epoch (e.g. checkpointing; 1-based epoch), `on_step(step, {'loss', 'lr',
-    'grad_norm'})` after each optimizer step (e.g. a tracker; `lr` of the primary label). To resume, pass the restored `state`
-    and the `history` so far: training continues at epoch len(history) + 1.
+    'grad_norm'})` after each optimizer step (e.g. a tracker; `lr` of the primary label). To
+    resume, pass the restored `state` and the `history` so far: training continues at epoch
+    len(history) + 1. After each compile of the train step (a new batch shape) the heap the
+    compiler freed goes back to the OS (`release_host_memory`).
 
     A step whose loss or gradient norm is not finite is skipped (no update; counted in the row's
     `skipped_steps`); `max_skipped_steps` in a row stop the run with SkippedStepsError.
@@ -223,6 +226,7 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
         waited = history[-1]["epoch"] - best_epoch
     patience = strategy.early_stopping_patience
     skips = SkipCounter(max_skipped_steps)
+    compiled: set[tuple] = set()  # batch shapes the train step has compiled for
     with StepProgress(progress) as bar:
         for epoch in range(len(history) + 1, epochs + 1):
             if patience and waited >= patience:
@@ -233,6 +237,10 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
             loss_sum, weight_sum, skipped = 0.0, 0.0, 0
             for g in groups:
                 state, m = train_step(state, frozen, shard_batch(g, mesh, 1))
+                shapes = tuple(v.shape for v in g.values())
+                if shapes not in compiled:  # that step compiled: release the compiler's freed heap
+                    compiled.add(shapes)
+                    release_host_memory()
                 bad = bool(m["skipped"])
                 skipped += bad
                 skips.update(bad, epoch, int(state["step"]))
