@@ -21,9 +21,11 @@ TINY = "tiny"
 # dimensions (the projections; attention logits and triangle products are recomputed); 'auto'
 # (the training default) picks by crop size, see `resolve_remat_policy`.
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "auto")
-# 'auto' saves matmul outputs up to this many residues: at N=64 (model_1_ptm, fp32) that makes
-# the LoRA step ~1.5x faster for ~2 GiB more; its memory grows with N^2..N^3 per block, so
-# longer crops recompute (nothing_saveable) and fit (scripts/bench_train_step.py).
+# 'auto' saves matmul outputs up to this many residues on an accelerator (their memory grows with
+# N^2..N^3 per block, so longer crops recompute and fit). On CPU it saves nothing: there the
+# 48-block LoRA step at N=64 is as fast either way (12.8 s), and dots_saveable holds 3.6x the
+# memory (5.1 vs 1.4 GiB) in temporaries XLA:CPU maps afresh each step, which a VM handing freed
+# pages back to its host refaults about 2x slower after any pause (scripts/bench_train_step.py).
 AUTO_DOTS_MAX_N = 64
 
 
@@ -164,13 +166,15 @@ def remat_policy(globals_: Any) -> Any:
     return getattr(jax.checkpoint_policies, "nothing_saveable" if name == "auto" else name)
 
 
-def resolve_remat_policy(c: mlc.ConfigDict, n_res: int) -> mlc.ConfigDict:
-    """`c`, or a copy whose remat_policy 'auto' is made concrete for a crop of `n_res` residues:
-    'dots_saveable' up to AUTO_DOTS_MAX_N residues, else 'nothing_saveable'."""
+def resolve_remat_policy(c: mlc.ConfigDict, n_res: int, platform: str) -> mlc.ConfigDict:
+    """`c`, or a copy whose remat_policy 'auto' is made concrete for a crop of `n_res` residues on
+    `platform` ('cpu', 'gpu', 'tpu', as `jax.default_backend()`): 'dots_saveable' up to
+    AUTO_DOTS_MAX_N residues on an accelerator, else 'nothing_saveable'."""
     if c.globals.get("remat_policy") != "auto":
         return c
     c = copy.deepcopy(c)
-    c.globals.remat_policy = "dots_saveable" if n_res <= AUTO_DOTS_MAX_N else "nothing_saveable"
+    dots = platform != "cpu" and n_res <= AUTO_DOTS_MAX_N
+    c.globals.remat_policy = "dots_saveable" if dots else "nothing_saveable"
     return c
 
 

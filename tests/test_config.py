@@ -92,14 +92,17 @@ def test_remat_policy_names_jax_policies():
         remat_policy(g)
 
 
-def test_auto_remat_policy_saves_matmuls_only_for_short_crops():
+def test_auto_remat_policy_saves_matmuls_only_for_short_crops_on_accelerators():
     import jax
 
     c = model_config("tiny", train=True)
     assert c.globals.remat_policy == "auto"
-    short, long = resolve_remat_policy(c, AUTO_DOTS_MAX_N), resolve_remat_policy(c, AUTO_DOTS_MAX_N + 1)
-    assert remat_policy(short.globals) is jax.checkpoint_policies.dots_saveable
-    assert remat_policy(long.globals) is jax.checkpoint_policies.nothing_saveable
+    for platform in ("gpu", "tpu"):
+        short = resolve_remat_policy(c, AUTO_DOTS_MAX_N, platform)
+        long = resolve_remat_policy(c, AUTO_DOTS_MAX_N + 1, platform)
+        assert remat_policy(short.globals) is jax.checkpoint_policies.dots_saveable
+        assert remat_policy(long.globals) is jax.checkpoint_policies.nothing_saveable
+    assert resolve_remat_policy(c, 8, "cpu").globals.remat_policy == "nothing_saveable"
     assert c.globals.remat_policy == "auto"  # resolved on a copy
-    c.globals.remat_policy = "nothing_saveable"  # an explicit choice is kept
-    assert resolve_remat_policy(c, 8).globals.remat_policy == "nothing_saveable"
+    c.globals.remat_policy = "dots_saveable"  # an explicit choice is kept, on CPU too
+    assert resolve_remat_policy(c, 8, "cpu").globals.remat_policy == "dots_saveable"

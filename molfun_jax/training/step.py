@@ -91,7 +91,7 @@ class AffinityModel:
         if variables.get("lora"):
             coll["lora"] = variables["lora"]
         deterministic = rng is None or not self.trunk_dropout
-        config = resolve_remat_policy(self.config, ex["aatype"].shape[-1])
+        config = resolve_remat_policy(self.config, ex["aatype"].shape[-1], jax.default_backend())
         out = AlphaFold(config).apply(coll, ex, deterministic=deterministic, frozen_blocks=self.frozen_blocks or 0,
                                            rngs={"dropout": rng} if rng is not None else None)
         return out["single"] if self.head_config.source == "evoformer" else out["sm"]["single"]
