@@ -1,6 +1,7 @@
 """The fit loop on real chains: every strategy learns a structure-derived target, frozen params
 stay bit-identical; head-only cache = slow path; EMA validation, early stopping, best restore;
 batching and step counts."""
+import contextlib
 import importlib
 import math
 
@@ -162,12 +163,24 @@ def test_batches_and_step_count():
 
 def test_fit_releases_host_memory_once_per_compiled_batch_shape(monkeypatch):
     """The compiler's freed heap goes back to the OS after each new compile of the train step:
-    two length buckets over two epochs (2 steps an epoch) compile twice."""
+    two length buckets over two epochs (2 steps an epoch) compile twice. The steps reuse their
+    buffers from the first compile to the end of training."""
     fit_module = importlib.import_module("molfun_jax.training.fit")  # the package's `fit` is the function
     calls = []
-    monkeypatch.setattr(fit_module, "release_host_memory", lambda: calls.append(1) or True)
+
+    @contextlib.contextmanager
+    def reusing():
+        calls.append("reuse")
+        yield True
+        calls.append("end")
+
+    monkeypatch.setattr(fit_module, "release_host_memory", lambda: calls.append("release") or True)
+    monkeypatch.setattr(fit_module, "reusing_host_buffers", reusing)
+    on_step = lambda step, metrics: calls.append("step")  # noqa: E731
     cfg = tiny_config()
     exs = [synthetic_example(cfg, 8, i) for i in range(2)] + [synthetic_example(cfg, 12, 100 + i) for i in range(2)]
     strategy = HeadOnly(amp=False)
-    fit(cfg, strategy, start(strategy), exs, epochs=2, batch_size=2, cache=False, progress=False)
-    assert len(calls) == 2
+    fit(cfg, strategy, start(strategy), exs, epochs=2, batch_size=2, cache=False, progress=False, on_step=on_step)
+    assert calls.count("release") == 2
+    assert calls[:3] == ["reuse", "release", "step"] and calls[-1] == "end" and calls.count("reuse") == 1
+    assert calls.count("step") == 4

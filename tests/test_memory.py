@@ -1,11 +1,19 @@
-"""release_host_memory returns freed C heap to the OS: the kernel's VmRSS is the truth."""
+"""Host memory: release_host_memory returns freed C heap to the OS, reusing_host_buffers and
+synchronous_cpu_dispatch keep a step's buffers mapped for the next. The kernel's counts (VmRSS,
+minor page faults) are the truth."""
 import ctypes
+import os
+import resource
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+import jax
 import pytest
 
-from molfun_jax.training import release_host_memory
+from molfun_jax.training import release_host_memory, reusing_host_buffers, synchronous_cpu_dispatch
+from tests.conftest import ROOT
 
 
 def _rss_mib() -> float:
@@ -31,3 +39,99 @@ def test_release_host_memory_returns_freed_heap_pages_to_the_os():
     released = held - _rss_mib()
     libc.free(pin)
     assert released > 64, f"only {released:.0f} MiB of 128 MiB freed heap went back to the OS"
+
+
+GLIBC = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallopt"),
+                           reason="glibc mallopt and the kernel's fault counts are Linux / glibc")
+
+
+def _faults_touching_a_fresh_block(libc, size: int) -> int:
+    """This thread's minor page faults (the kernel's count) while one block of `size` bytes,
+    malloc'ed after the same size was freed, is written through."""
+    libc.free(libc.malloc(size))
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)
+    faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+    libc.free(p)
+    return faults
+
+
+@GLIBC
+def test_reusing_host_buffers_keeps_freed_large_blocks_mapped_and_restores_on_exit():
+    """A 64 MiB block freed and malloc'ed again: outside the block glibc maps it fresh (a fault
+    per page, the control), inside it the pages of the freed block are reused; after the block
+    the heap's free pages go back to the OS."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 << 20
+    pages = size // resource.getpagesize()
+    assert _faults_touching_a_fresh_block(libc, size) > 0.9 * pages  # glibc default: mmap, fresh pages
+    with reusing_host_buffers() as active:
+        assert active is True
+        _faults_touching_a_fresh_block(libc, size)  # first use maps the heap's pages once
+        assert _faults_touching_a_fresh_block(libc, size) < 0.05 * pages
+        held = _rss_mib()
+    assert held - _rss_mib() > 48, "the freed 64 MiB stayed mapped after the block"
+    assert _faults_touching_a_fresh_block(libc, size) > 0.9 * pages  # defaults back
+
+
+XLA_REUSE_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    import jax, jax.numpy as jnp
+    from molfun_jax.training import reusing_host_buffers, synchronous_cpu_dispatch
+    if sys.argv[1] == "sync":
+        assert synchronous_cpu_dispatch() is True
+    f = jax.jit(lambda x: jnp.sum(jnp.sort(x * 2.0, axis=0) * x[::-1]))  # temporaries the size of x
+    x = jnp.ones((2048, 4096), jnp.float32)  # 32 MiB
+    compiled = f.lower(x).compile()
+    temp_pages = compiled.memory_analysis().temp_size_in_bytes // resource.getpagesize()
+    with reusing_host_buffers():
+        for _ in range(2):
+            compiled(x).block_until_ready()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            compiled(x).block_until_ready()
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+    print("RESULT", faults / temp_pages, temp_pages)
+""")
+
+
+@GLIBC
+@pytest.mark.parametrize("dispatch", ["sync", "async"])
+def test_synchronous_cpu_dispatch_lets_xla_runs_reuse_their_temporary_buffer(dispatch):
+    """An XLA:CPU computation with 64 MiB of temporaries, run again and again in a fresh process
+    under `reusing_host_buffers`: with synchronous dispatch the runs reuse the pages (few faults
+    per run); with JAX's default async dispatch (the control) every run faults them in again."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", XLA_REUSE_SCRIPT, dispatch], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    share, temp_pages = map(float, proc.stdout.split("RESULT", 1)[1].split())
+    assert temp_pages * resource.getpagesize() >= 48 << 20  # large blocks: glibc would mmap them
+    if dispatch == "sync":
+        assert share < 0.1, f"{share:.0%} of the temporaries' pages faulted in per run"
+    else:
+        assert share > 0.5, f"only {share:.0%} of the temporaries' pages faulted per run under async dispatch"
+
+
+def test_synchronous_cpu_dispatch_changes_nothing_once_jax_runs():
+    jax.numpy.zeros(1).block_until_ready()  # the backend exists
+    before = jax.config.read("jax_cpu_enable_async_dispatch")
+    assert synchronous_cpu_dispatch() is False
+    assert jax.config.read("jax_cpu_enable_async_dispatch") == before
+
+
+def test_the_cli_dispatches_cpu_computations_synchronously():
+    """train.py and predict.py join the run (`cli.launch.join`) before any other JAX use: in a
+    fresh process that leaves JAX's CPU client synchronous."""
+    code = ("import jax; from molfun_jax.cli.launch import join; assert join([]) is False; "
+            "jax.numpy.ones(3).sum().block_until_ready(); print('ASYNC', jax.config.read('jax_cpu_enable_async_dispatch'))")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ASYNC False" in proc.stdout

@@ -1,5 +1,6 @@
 """Joining a multi-process run (JAX's distributed runtime): the launch flags that train.py and
-predict.py share, read before any other JAX use, and the quiet of processes other than 0."""
+predict.py share, read before any other JAX use, and the quiet of processes other than 0. The
+other process-wide setting made before JAX starts lives here too: synchronous CPU dispatch."""
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,12 @@ def launch_args(argv: Sequence[str]) -> argparse.Namespace:
 def join(argv: Sequence[str]) -> bool:
     """Start the distributed runtime when `argv` or a launcher's environment asks for several
     processes (call before any other JAX use); on processes other than 0, silence stdout (process
-    0 alone reports). Returns whether this is a multi-process run."""
+    0 alone reports). CPU computations run on the calling thread, so a step reuses the pages of
+    the last step's buffers (`training.memory`). Returns whether this is a multi-process run."""
     from molfun_jax.training.distributed import initialize, is_primary
+    from molfun_jax.training.memory import synchronous_cpu_dispatch
 
+    synchronous_cpu_dispatch()
     ns = launch_args(argv)
     try:
         started = initialize(ns.coordinator_address, ns.num_processes, ns.process_id)

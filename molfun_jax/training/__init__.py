@@ -6,7 +6,7 @@ from molfun_jax.training.fit import (FitResult, cache_entry_bytes, cache_trunk, 
                                      make_batches, predict_all, target_norm)
 from molfun_jax.training.guard import (MAX_SKIPPED_STEPS, NonFiniteInputError, SkippedStepsError,
                                        check_finite_examples)
-from molfun_jax.training.memory import release_host_memory
+from molfun_jax.training.memory import release_host_memory, reusing_host_buffers, synchronous_cpu_dispatch
 from molfun_jax.training.schedules import layer_decay_factors, make_schedule, steps_per_epoch
 from molfun_jax.training.step import (AffinityModel, eval_params, init_state, make_predict_step, make_single_step,
                                       make_train_step, with_dtype)
@@ -17,7 +17,7 @@ __all__ = ["AffinityModel", "FitResult", "Full", "HeadOnly", "LoRA", "MAX_SKIPPE
            "Partial", "Plan", "Rule", "STRATEGIES", "SkippedStepsError", "Strategy", "cache_entry_bytes", "cache_trunk",
            "check_finite_examples", "count_steps", "data_mesh", "eval_params", "evaluate", "fit", "init_state",
            "initialize", "is_primary", "layer_decay_factors", "make_batches", "make_predict_step", "make_schedule",
-           "make_single_step", "make_train_step", "predict_all", "release_host_memory", "replicate", "shard_batch",
-           "steps_per_epoch",
+           "make_single_step", "make_train_step", "predict_all", "release_host_memory", "replicate", "reusing_host_buffers",
+           "shard_batch", "steps_per_epoch", "synchronous_cpu_dispatch",
            "strategy_from_dict", "sync", "to_host", "with_dtype", "Option", "StrategyError", "register_strategy",
            "target_norm"]

@@ -9,6 +9,7 @@ sum over buckets of ceil(ceil(n_bucket / B) / k) steps (`schedules.steps_per_epo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -25,7 +26,7 @@ from molfun_jax.heads.affinity import HeadConfig, TargetNorm, affinity_loss
 from molfun_jax.reports import StepProgress, regression_metrics
 from molfun_jax.training.distributed import data_mesh, replicate, shard_batch, to_host
 from molfun_jax.training.guard import MAX_SKIPPED_STEPS, SkipCounter
-from molfun_jax.training.memory import release_host_memory
+from molfun_jax.training.memory import release_host_memory, reusing_host_buffers
 from molfun_jax.training.schedules import steps_per_epoch
 from molfun_jax.training.step import (CACHED_KEY, HEAD_INPUT_KEYS, AffinityModel, eval_params, init_state,
                                       make_predict_step, make_single_step, make_train_step, with_dtype)
@@ -185,7 +186,8 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
     'grad_norm'})` after each optimizer step (e.g. a tracker; `lr` of the primary label). To
     resume, pass the restored `state` and the `history` so far: training continues at epoch
     len(history) + 1. After each compile of the train step (a new batch shape) the heap the
-    compiler freed goes back to the OS (`release_host_memory`).
+    compiler freed goes back to the OS (`release_host_memory`); from the first compile to the end
+    of training the steps' freed buffers stay mapped for the next step (`reusing_host_buffers`).
 
     A step whose loss or gradient norm is not finite is skipped (no update; counted in the row's
     `skipped_steps`); `max_skipped_steps` in a row stop the run with SkippedStepsError.
@@ -227,7 +229,7 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
     patience = strategy.early_stopping_patience
     skips = SkipCounter(max_skipped_steps)
     compiled: set[tuple] = set()  # batch shapes the train step has compiled for
-    with StepProgress(progress) as bar:
+    with StepProgress(progress) as bar, contextlib.ExitStack() as host:
         for epoch in range(len(history) + 1, epochs + 1):
             if patience and waited >= patience:
                 break
@@ -239,6 +241,8 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
                 state, m = train_step(state, frozen, shard_batch(g, mesh, 1))
                 shapes = tuple(v.shape for v in g.values())
                 if shapes not in compiled:  # that step compiled: release the compiler's freed heap
+                    if not compiled:  # after the first compile: the compiler's own large blocks stay unmapped when freed
+                        host.enter_context(reusing_host_buffers())
                     compiled.add(shapes)
                     release_host_memory()
                 bad = bool(m["skipped"])

@@ -1,22 +1,82 @@
-"""Host memory: hand the C heap that XLA's compiler freed back to the operating system.
+"""Host memory: hand the C heap that XLA's compiler freed back to the operating system, and keep
+the pages of the train step's buffers mapped from one step to the next.
 
 Compiling the train step (LLVM, on every backend's host side) allocates several hundred MB in
 small blocks and frees them; glibc keeps freed heap pages mapped, so a process would hold them
 for the whole run (measured: 48-block model_1_ptm LoRA step, 1.35 GiB after compiling, 0.88 GiB
 after the release; `scripts/bench_train_step.py`).
+
+The opposite holds for the steps themselves on CPU. XLA:CPU allocates an executable's whole
+temporary buffer on every run and frees it at the end; glibc serves a block that large with a
+fresh `mmap` and unmaps it on `free`, so each step faults every page in again, zero-filled by the
+kernel (48 blocks, N=64, fp32: 1.6 M faults and ~6 s of system time a step without remat, 72 K
+with it). `synchronous_cpu_dispatch` + `reusing_host_buffers` make the step reuse those pages.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from typing import Iterator
+
+# glibc <malloc.h> mallopt parameters, and their defaults (mallopt(3))
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+def _libc_call(name: str):
+    """The C library's function `name`, or None (macOS, musl: no glibc malloc tuning)."""
+    return getattr(ctypes.CDLL(None), name, None)
 
 
 def release_host_memory() -> bool:
     """Return the C heap's free pages to the OS (glibc `malloc_trim(0)`, which also releases
     free pages inside the heap). False, doing nothing, where the C library has no such call
     (macOS, musl)."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    trim = _libc_call("malloc_trim")
     if trim is None:
         return False
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
+    return True
+
+
+@contextlib.contextmanager
+def reusing_host_buffers() -> Iterator[bool]:
+    """Within the block, glibc serves large blocks from the heap instead of `mmap` and never
+    shrinks the heap on `free`, so a buffer freed by one step is reused, pages already mapped, by
+    the next (`release_host_memory` still returns free pages when called). On exit glibc's
+    defaults come back (fixed thresholds: glibc's sliding mmap threshold stays off once set) and
+    the free pages go back to the OS. Yields False, changing nothing, without glibc `mallopt`.
+
+    It reaches the blocks malloc'ed by the main thread (glibc's main arena; other threads' arenas
+    map large blocks whatever the setting): an XLA:CPU executable's buffers once
+    `synchronous_cpu_dispatch` runs it on the calling thread.
+    """
+    mallopt = _libc_call("mallopt")
+    if mallopt is None:
+        yield False
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(_M_MMAP_MAX, 0)
+    mallopt(_M_TRIM_THRESHOLD, -1)  # -1 is SIZE_MAX to glibc: never trim
+    try:
+        yield True
+    finally:
+        mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        release_host_memory()
+
+
+def synchronous_cpu_dispatch() -> bool:
+    """Run CPU computations on the calling thread (`jax_cpu_enable_async_dispatch` off), so the
+    buffers XLA:CPU allocates come from the heap that `reusing_host_buffers` keeps mapped. JAX
+    reads the flag when it creates its backends: call this before any other JAX use. Returns
+    whether it took effect (False, changing nothing, once a backend exists). GPU and TPU
+    computations are not affected."""
+    import jax
+    from jax._src import xla_bridge  # no public way to ask whether the backends exist yet
+
+    if xla_bridge.backends_are_initialized():
+        return False
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     return True
