@@ -26,6 +26,7 @@ import argparse
 import importlib.util  # noqa: F401  (openfold.config needs it)
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -181,13 +182,16 @@ def run_ours(job: dict, folder: Path) -> dict:
     setup_gib = reset_peak_rss()
     with reusing_host_buffers():  # as `fit` does from its first compile on
         for i in range(job["repeats"] + 1):
+            if i == 1:
+                faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             state, metrics = compiled(state, frozen, batch)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t0)
             if i == 0:
                 out.update(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]))
-        out.update(step_s=statistics.median(times[1:]), **peak_rss(setup_gib))
+        out.update(step_s=statistics.median(times[1:]), **peak_rss(setup_gib),
+                   faults=(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / job["repeats"])
         if job.get("forward"):
             out["forward_s"] = time_forward(model, state, frozen, plan, ex, job["repeats"])
         if job.get("profile"):  # last: the traced step donates `state`
@@ -457,7 +461,8 @@ def main() -> None:
                         if "error" in d:
                             print(f"    {side} failed: {d['error']}")
                         elif d:
-                            print(f"    {side}: loss {d.get('loss'):.6e} grad_norm {d.get('grad_norm'):.6e}")
+                            faults = f", {d['faults']:,.0f} page faults a step" if "faults" in d else ""
+                            print(f"    {side}: loss {d.get('loss'):.6e} grad_norm {d.get('grad_norm'):.6e}{faults}")
                     for what, t_ms, share in o.get("top_ops", []):
                         print(f"    {t_ms:10.1f} ms {100 * share:5.1f}%  {what}")
         print("speed = OpenFold step / ours; mem = OpenFold peak RSS / ours (whole process; steps: peak RSS while "
