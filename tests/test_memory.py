@@ -128,7 +128,8 @@ def test_the_cli_dispatches_cpu_computations_synchronously():
     """train.py and predict.py join the run (`cli.launch.join`) before any other JAX use: in a
     fresh process that leaves JAX's CPU client synchronous."""
     code = ("import jax; from molfun_jax.cli.launch import join; assert join([]) is False; "
-            "jax.numpy.ones(3).sum().block_until_ready(); print('ASYNC', jax.config.read('jax_cpu_enable_async_dispatch'))")
+            "jax.numpy.ones(3).sum().block_until_ready(); "
+            "print('ASYNC', jax.config.read('jax_cpu_enable_async_dispatch'))")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
         env.pop(k, None)

@@ -17,7 +17,7 @@ __all__ = ["AffinityModel", "FitResult", "Full", "HeadOnly", "LoRA", "MAX_SKIPPE
            "Partial", "Plan", "Rule", "STRATEGIES", "SkippedStepsError", "Strategy", "cache_entry_bytes", "cache_trunk",
            "check_finite_examples", "count_steps", "data_mesh", "eval_params", "evaluate", "fit", "init_state",
            "initialize", "is_primary", "layer_decay_factors", "make_batches", "make_predict_step", "make_schedule",
-           "make_single_step", "make_train_step", "predict_all", "release_host_memory", "replicate", "reusing_host_buffers",
-           "shard_batch", "steps_per_epoch", "synchronous_cpu_dispatch",
+           "make_single_step", "make_train_step", "predict_all", "release_host_memory", "replicate",
+           "reusing_host_buffers", "shard_batch", "steps_per_epoch", "synchronous_cpu_dispatch",
            "strategy_from_dict", "sync", "to_host", "with_dtype", "Option", "StrategyError", "register_strategy",
            "target_norm"]

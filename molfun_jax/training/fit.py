@@ -241,7 +241,7 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
                 state, m = train_step(state, frozen, shard_batch(g, mesh, 1))
                 shapes = tuple(v.shape for v in g.values())
                 if shapes not in compiled:  # that step compiled: release the compiler's freed heap
-                    if not compiled:  # after the first compile: the compiler's own large blocks stay unmapped when freed
+                    if not compiled:  # after the first compile: the compiler's large blocks stay unmapped
                         host.enter_context(reusing_host_buffers())
                     compiled.add(shapes)
                     release_host_memory()
