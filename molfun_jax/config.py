@@ -24,9 +24,10 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
 # 'auto' saves matmul outputs up to this many residues on an accelerator (their memory grows with
 # N^2..N^3 per block, so longer crops recompute and fit). On CPU it saves nothing: there the
 # 48-block LoRA step at N=64 is as fast either way (12.8 s), and dots_saveable holds 3.6x the
-# memory (5.1 vs 1.4 GiB; scripts/bench_train_step.py) in temporaries XLA:CPU maps afresh each
-# step, which a VM handing freed pages back to its host refaults: a step after a 20 s pause took
-# 22-28 s instead of 12-14 s (measured in one process, issue 11's closing note).
+# memory (5.1 vs 1.4 GiB; scripts/bench_train_step.py). Without `synchronous_cpu_dispatch`
+# (training.memory) XLA:CPU also maps those temporaries afresh each step, which a VM handing freed
+# pages back to its host refaults: a step after a 20 s pause took 22-28 s instead of 12-14 s
+# (measured in one process, issue 11's closing note).
 AUTO_DOTS_MAX_N = 64
 
 
