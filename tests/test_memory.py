@@ -21,12 +21,22 @@ def _rss_mib() -> float:
     return int(line.split()[1]) / 1024
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "malloc_trim"),
-                    reason="glibc malloc_trim and /proc are Linux / glibc")
-def test_release_host_memory_returns_freed_heap_pages_to_the_os():
+GLIBC = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not all(hasattr(ctypes.CDLL(None), f) for f in ("malloc_trim", "mallopt")),
+    reason="glibc malloc_trim / mallopt, /proc and the kernel's fault counts are Linux / glibc")
+
+
+def _libc() -> ctypes.CDLL:
+    """The C library with malloc / free typed for 64-bit pointers."""
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
+    return libc
+
+
+@GLIBC
+def test_release_host_memory_returns_freed_heap_pages_to_the_os():
+    libc = _libc()
     block, count = 64 << 10, 2048  # 128 MiB in blocks under the mmap threshold: they come from the heap
     ptrs = [libc.malloc(block) for _ in range(count)]
     for p in ptrs:
@@ -39,10 +49,6 @@ def test_release_host_memory_returns_freed_heap_pages_to_the_os():
     released = held - _rss_mib()
     libc.free(pin)
     assert released > 64, f"only {released:.0f} MiB of 128 MiB freed heap went back to the OS"
-
-
-GLIBC = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallopt"),
-                           reason="glibc mallopt and the kernel's fault counts are Linux / glibc")
 
 
 def _faults_touching_a_fresh_block(libc, size: int) -> int:
@@ -62,9 +68,7 @@ def test_reusing_host_buffers_keeps_freed_large_blocks_mapped_and_restores_on_ex
     """A 64 MiB block freed and malloc'ed again: outside the block glibc maps it fresh (a fault
     per page, the control), inside it the pages of the freed block are reused; after the block
     the heap's free pages go back to the OS."""
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
+    libc = _libc()
     size = 64 << 20
     pages = size // resource.getpagesize()
     assert _faults_touching_a_fresh_block(libc, size) > 0.9 * pages  # glibc default: mmap, fresh pages
