@@ -149,12 +149,12 @@ def _strategy(name: str):
 
 # --- our side ------------------------------------------------------------------------------------
 def run_ours(job: dict, folder: Path) -> dict:
-    from molfun_jax.training import synchronous_cpu_dispatch
-    synchronous_cpu_dispatch()  # before any JAX use, as the CLI does
     import jax
     from molfun_jax.heads import HeadConfig
     from molfun_jax.training import (AffinityModel, data_mesh, init_state, make_batches, make_train_step,
-                                     release_host_memory, replicate, reusing_host_buffers, shard_batch)
+                                     release_host_memory, replicate, reusing_host_buffers, shard_batch,
+                                     synchronous_cpu_dispatch)
+    synchronous_cpu_dispatch()  # before any JAX use, as the CLI does
 
     cfg = bench_config(job["preset"], job["remat"], job["dtype"], job.get("policy"), job.get("blocks"),
                        job.get("chunk_size"))
