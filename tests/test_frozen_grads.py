@@ -28,13 +28,15 @@ def _subjaxprs(eqn):
 
 
 def kernel_shaped_dots(jaxpr, shapes: set, times: int = 1) -> int:
-    """dot_general eqns with an output in `shapes` (2-D ones in either orientation), each counted
-    as often as it runs: scan bodies times their length, the costliest branch of a cond."""
+    """dot_general eqns with an output in `shapes` (2-D ones in either orientation or after a
+    leading example axis), each counted as often as it runs: scan bodies times their length, the
+    costliest branch of a cond."""
     n = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
             s = tuple(eqn.outvars[0].aval.shape)
-            n += times * (s in shapes or (len(s) == 2 and s[::-1] in shapes))
+            # 3-D: a per-example dW, from a custom_vjp backward that runs under the step's vmap
+            n += times * (s in shapes or (len(s) == 2 and s[::-1] in shapes) or (len(s) == 3 and s[1:] in shapes))
         elif eqn.primitive.name == "cond":
             n += max(kernel_shaped_dots(b, shapes, times) for b in _subjaxprs(eqn))
         else:
