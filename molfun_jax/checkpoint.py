@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from molfun_jax.atomic import write_json_atomic
-from molfun_jax.training.distributed import is_primary, sync
+from molfun_jax.training.distributed import held_whole, is_primary, sync
 
 FORMAT = "molfun_jax.checkpoint/1"
 EXPORT_FORMAT = "molfun_jax.export/1"
@@ -150,7 +150,7 @@ def _remove_interrupted_writes(directory: Path) -> None:
 def _host_value(x: Any) -> Any:
     """A leaf as orbax should save it: numpy when every process holds the whole value (orbax then
     writes it from process 0), else the global jax.Array (orbax writes each process's shards)."""
-    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+    if isinstance(x, jax.Array) and not held_whole(x):
         return x
     return np.asarray(x)
 

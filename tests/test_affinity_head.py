@@ -23,7 +23,7 @@ def test_pooling():
     s = jnp.asarray(rng.standard_normal((2, 10, 16)), jnp.float32)
     seq = jnp.asarray([[1.0] * 8 + [0.0] * 2, [1.0] * 10])
     pocket = jnp.asarray([[0, 1, 1, 0, 0, 1, 0, 0, 0, 1], [0] * 10], jnp.float32)  # ex. 1: no pocket
-    head = AffinityHead(hidden_dim=8, dropout_rate=0.0)
+    head = AffinityHead(HeadConfig(hidden_dim=8, dropout=0.0))
     params = init(head, 16)
     out = head.apply({"params": params}, s, seq, pocket)
 
@@ -38,13 +38,13 @@ def test_pooling():
     # ex. 0: pocket residues that are real (index 9 is padding); ex. 1: empty pocket -> all residues
     np.testing.assert_allclose(out[0], by_hand(s[0], pocket[0] * seq[0]), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out[1], by_hand(s[1], seq[1]), rtol=1e-5, atol=1e-6)
-    mean = AffinityHead(hidden_dim=8, dropout_rate=0.0, use_pocket=False).apply({"params": params}, s, seq, pocket)
+    mean = AffinityHead(HeadConfig(hidden_dim=8, dropout=0.0, pooling="mean")).apply({"params": params}, s, seq, pocket)
     np.testing.assert_allclose(mean[0], by_hand(s[0], seq[0]), rtol=1e-5, atol=1e-6)
     # padding residues do not matter
     s2 = s.at[0, 8:].set(100.0)
     np.testing.assert_allclose(head.apply({"params": params}, s2, seq, pocket), out, rtol=1e-6)
     # dropout: on with an RNG in training mode only
-    hd = AffinityHead(hidden_dim=8, dropout_rate=0.5)
+    hd = AffinityHead(HeadConfig(hidden_dim=8, dropout=0.5))
     np.testing.assert_array_equal(hd.apply({"params": params}, s, seq), hd.apply({"params": params}, s, seq))
     train = hd.apply({"params": params}, s, seq, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
     assert not np.allclose(train, hd.apply({"params": params}, s, seq))

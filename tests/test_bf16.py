@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from molfun_jax.training import (AffinityModel, LoRA, data_mesh, init_state, make_batches, make_train_step,
-                                 replicate, shard_batch, with_dtype)
+from molfun_jax.training import AffinityModel, LoRA, make_batches, shard_batch, with_dtype
 from tests.finetune_common import random_trunk, tiny_config
-from tests.test_train_step import examples
+from tests.test_train_step import examples, setup
 
 
 def input_dtypes(jaxpr, names: set, out: dict | None = None) -> dict:
@@ -49,14 +48,7 @@ def test_bf16_forward_runs_finite_with_float32_norms_and_softmax():
 @pytest.mark.slow  # ~25 s; the bf16 forward check runs by default
 def test_bf16_lora_step_runs_and_updates_float32_params():
     s = LoRA(rank=2, lr_lora=1e-2, amp=True)
-    model = AffinityModel(with_dtype(tiny_config(), s.compute_dtype))
-    variables = model.init_variables(random_trunk(), s, jax.random.PRNGKey(0))
-    plan = s.plan(variables)
-    tx = plan.optimizer(10)
-    mesh = data_mesh()
-    state, frozen = init_state(plan, variables, tx, jax.random.PRNGKey(1))
-    step = make_train_step(model, plan, tx, mesh)
-    state, frozen = replicate(state, mesh), replicate(frozen, mesh)
+    _, _, step, state, frozen, mesh = setup(s, config=with_dtype(tiny_config(), s.compute_dtype))
     (group,) = make_batches(examples(2), 2, 1)
     batch = shard_batch(group, mesh, 1)
     assert_norms_and_softmax_float32(jax.make_jaxpr(step)(state, frozen, batch).jaxpr)

@@ -210,12 +210,32 @@ def test_multiple_molecules_first_used(tmp_path):
     path = tmp_path / "two.sdf"
     w = Chem.SDWriter(str(path))
     for smi in ("CCO", "c1ccccc1"):
-        m = Chem.MolFromSmiles(smi)
-        AllChem.Compute2DCoords(m)
+        m = Chem.AddHs(Chem.MolFromSmiles(smi))
+        assert AllChem.EmbedMolecule(m, randomSeed=0) == 0
         w.write(m)
     w.close()
     lig = read_ligand(path)
     assert lig.num_atoms == 3 and any("2 molecules" in w for w in lig.warnings)
+
+
+def test_pdbbind_sdf_reads_quietly_and_a_2d_drawing_is_refused(tmp_path, capfd):
+    """PDBbind's SDF headers say 2D over 3D coordinates: RDKit's warning about it stays off the
+    console. A real 2D drawing (RDKit's depiction, every z = 0) is no pose: refused, by name."""
+    sdf = PDBBIND / "1nlo" / "1nlo_ligand.sdf"
+    capfd.readouterr()
+    Chem.MolFromMolFile(str(sdf))
+    assert "tagged as 2D" in capfd.readouterr().err  # the control: RDKit itself warns
+    lig = read_ligand(sdf)
+    assert np.ptp(lig.positions[:, 2]) > 1.0 and "Warning" not in capfd.readouterr().err
+    Chem.MolFromMolFile(str(sdf))
+    assert "tagged as 2D" in capfd.readouterr().err  # and warns again afterwards
+    flat = Chem.MolFromSmiles(XK2_SMILES)
+    AllChem.Compute2DCoords(flat)
+    path = tmp_path / "drawing.sdf"
+    Chem.MolToMolFile(flat, str(path))
+    with pytest.raises(StructureError, match="2D .*not a pose") as e:
+        read_ligand(path)
+    assert e.value.path == path
 
 
 def test_bad_inputs_name_the_file(tmp_path):

@@ -17,7 +17,7 @@ from molfun_jax.data.features import ligand_distance
 from molfun_jax.data.ligand import (ATOM_FEATURE_DIM, BOND_FEATURE_DIM, Ligand, ligand_features, ligand_pocket_mask,
                                     read_ligand)
 from molfun_jax.data.parsing import parse_structure
-from molfun_jax.heads import LIGAND_HEAD_INPUT_KEYS, AffinityHead, LigandAffinityHead, LigandHeadConfig
+from molfun_jax.heads import LIGAND_HEAD_INPUT_KEYS, AffinityHead, HeadConfig, LigandAffinityHead, LigandHeadConfig
 
 PDBBIND = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "pdbbind"
 pytestmark = pytest.mark.skipif(not PDBBIND.is_dir(), reason="PDBbind fixtures not found")
@@ -222,7 +222,7 @@ def test_decisive_ligand_head_fits_ligand_chemistry_pocket_head_cannot(capsys):
         rows = np.flatnonzero(groups == g)
         assert np.all(np.asarray(batch["single"])[rows] == np.asarray(batch["single"])[rows[0]])
 
-    pocket = AffinityHead(hidden_dim=32, dropout_rate=0.0)
+    pocket = AffinityHead(HeadConfig(hidden_dim=32, dropout=0.0))
     p_pocket = jax.jit(pocket.init)(jax.random.PRNGKey(0), batch["single"], batch["seq_mask"], batch["pocket_mask"])
 
     def pocket_pred(p, b):

@@ -27,10 +27,10 @@ def examples(n, n_res=N_RES):
     return [synthetic_example(cfg, n_res, seed=10 + i, n_valid=n_res - i % 3) for i in range(n)]
 
 
-def setup(strategy, head=HeadConfig(), wrap_tx=None, mesh=None):
-    """(model, plan, jitted step, state, frozen, mesh) on the fast tiny model; `wrap_tx` maps the
-    plan's optimizer to the one used."""
-    model = AffinityModel(tiny_config(), head)
+def setup(strategy, head=HeadConfig(), wrap_tx=None, mesh=None, config=None):
+    """(model, plan, jitted step, state, frozen, mesh) on `config` (default: the fast tiny model);
+    `wrap_tx` maps the plan's optimizer to the one used."""
+    model = AffinityModel(config or tiny_config(), head)
     variables = model.init_variables(random_trunk(), strategy, jax.random.PRNGKey(0))
     plan = strategy.plan(variables)
     tx = plan.optimizer(total_steps=10)

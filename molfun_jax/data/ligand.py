@@ -34,10 +34,11 @@ Padding atoms are all zero.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from rdkit import Chem, rdBase
@@ -168,12 +169,26 @@ def _partial(raw: Optional[Chem.Mol]) -> tuple[Optional[Chem.Mol], str]:
     return mol, ""
 
 
+@contextlib.contextmanager
+def _without_rdkit_warnings() -> Iterator[None]:
+    """RDKit's warning log off within the block (its error log stays on): RDKit warns on every
+    PDBbind SDF that the header says 2D while the coordinates are 3D (`_finish` checks the
+    coordinates itself)."""
+    was_on = "rdApp.warning:enabled" in rdBase.LogStatus()
+    rdBase.DisableLog("rdApp.warning")
+    try:
+        yield
+    finally:
+        if was_on:
+            rdBase.EnableLog("rdApp.warning")
+
+
 def _read_file(path: Path, sanitize: bool) -> tuple[list[Optional[Chem.Mol]], str]:
-    """(molecules of an SDF / mol2 file, None where RDKit fails; RDKit's log). Sanitised ones
-    have their hydrogens removed; unsanitised ones keep them."""
+    """(molecules of an SDF / mol2 file, None where RDKit fails; RDKit's error log). Sanitised
+    ones have their hydrogens removed; unsanitised ones keep them."""
     if path.stat().st_size == 0:
         return [], ""
-    with rdBase.CaptureErrorLog() as log:
+    with rdBase.CaptureErrorLog() as log, _without_rdkit_warnings():
         try:
             if path.suffix.lower() == ".mol2":
                 mols = [Chem.MolFromMol2File(str(path), sanitize=sanitize, removeHs=sanitize)]
@@ -207,8 +222,11 @@ def _finish(mol: Chem.Mol, path: Path, source: str, sanitized: str, warnings: li
         raise StructureError(path, "ligand has no heavy atom" + (" besides metals" if metals else ""))
     if mol.GetNumConformers() == 0:
         raise StructureError(path, "ligand has no coordinates")
-    if not np.isfinite(mol.GetConformer().GetPositions()).all():
+    xyz = mol.GetConformer().GetPositions()  # [A, 3]
+    if not np.isfinite(xyz).all():
         raise StructureError(path, "ligand has non-finite coordinates")
+    if mol.GetNumAtoms() > 2 and not xyz[:, 2].any():
+        raise StructureError(path, "ligand coordinates are 2D (every z is 0): a drawing, not a pose")
     return Ligand(mol, path, source, sanitized, bond_orders_known, tuple(warnings))
 
 

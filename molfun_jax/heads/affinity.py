@@ -59,9 +59,7 @@ class HeadConfig:
 
 class AffinityHead(nn.Module):
     """Pooled-MLP regression head on the single representation (float32 throughout)."""
-    hidden_dim: int = 128
-    dropout_rate: float = 0.1
-    use_pocket: bool = True
+    config: HeadConfig = HeadConfig()
 
     @nn.compact
     def __call__(self, single: Array, seq_mask: Array, pocket_mask: Optional[Array] = None,
@@ -69,19 +67,19 @@ class AffinityHead(nn.Module):
         # single: [*, N_res, C_s], seq_mask / pocket_mask: [*, N_res] -> [*]
         s = LayerNorm(name="layer_norm")(single.astype(jnp.float32))
         w = seq_mask.astype(jnp.float32)
-        if self.use_pocket and pocket_mask is not None:
+        if self.config.pooling == "pocket" and pocket_mask is not None:
             pocket = pocket_mask.astype(jnp.float32) * w
             has_pocket = jnp.sum(pocket, axis=-1, keepdims=True) > 0
             w = jnp.where(has_pocket, pocket, w)
         # [*, C_s]: masked mean (an all-zero mask gives 0, not NaN)
         pooled = jnp.sum(s * w[..., None], axis=-2) / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1.0)
-        h = jax.nn.relu(Linear(self.hidden_dim, init="relu", name="linear_1")(pooled))
-        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        h = jax.nn.relu(Linear(self.config.hidden_dim, init="relu", name="linear_1")(pooled))
+        h = nn.Dropout(self.config.dropout)(h, deterministic=deterministic)
         return Linear(1, name="linear_2")(h)[..., 0]
 
     @classmethod
     def from_config(cls, cfg: HeadConfig) -> "AffinityHead":
-        return cls(hidden_dim=cfg.hidden_dim, dropout_rate=cfg.dropout, use_pocket=cfg.pooling == "pocket")
+        return cls(config=cfg)
 
 
 def affinity_loss(pred: Array, target: Array, kind: str = "mse", delta: float = 1.0) -> Array:

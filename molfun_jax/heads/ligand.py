@@ -93,14 +93,7 @@ def _masked_mean(x: Array, w: Array) -> Array:
 
 class LigandAffinityHead(nn.Module):
     """Ligand graph encoder + ligand-atom -> pocket-residue attention + pooled MLP (float32)."""
-    c_atom: int = 64
-    n_mp_layers: int = 3
-    n_heads: int = 4
-    c_hidden: int = 32
-    n_rbf: int = 16
-    rbf_max: float = 16.0
-    hidden_dim: int = 128
-    dropout_rate: float = 0.1
+    config: LigandHeadConfig = LigandHeadConfig()
 
     @nn.compact
     def __call__(self, single: Array, seq_mask: Array, pocket_mask: Optional[Array] = None, *,
@@ -109,20 +102,20 @@ class LigandAffinityHead(nn.Module):
         """single [*, N_res, C_s], seq_mask / pocket_mask [*, N_res], all_atom_positions
         [*, N_res, 37, 3], all_atom_mask [*, N_res, 37], ligand_atom_feat [*, A, F],
         ligand_bond_feat [*, A, A, B], ligand_positions [*, A, 3], ligand_mask [*, A] -> [*]."""
-        f32 = jnp.float32
+        f32, cfg = jnp.float32, self.config
         lig_mask = ligand_mask.astype(f32)  # [*, A]
         bonds = ligand_bond_feat.astype(f32)  # [*, A, A, B]
         # a bond from a real atom b to atom a (padding atoms have no bonds; masked anyway)
         senders = (jnp.sum(bonds, axis=-1) > 0).astype(f32) * lig_mask[..., None, :]  # [*, A, A]
 
         # -- ligand graph encoder
-        x = Linear(self.c_atom, name="atom_embed")(ligand_atom_feat.astype(f32))  # [*, A, c]
-        for i in range(self.n_mp_layers):
-            node = Linear(self.c_atom, name=f"mp_{i}_node")(x)  # [*, A, c]
-            edge = Linear(self.c_atom, use_bias=False, name=f"mp_{i}_edge")(bonds)  # [*, A, A, c]
+        x = Linear(cfg.c_atom, name="atom_embed")(ligand_atom_feat.astype(f32))  # [*, A, c]
+        for i in range(cfg.n_mp_layers):
+            node = Linear(cfg.c_atom, name=f"mp_{i}_node")(x)  # [*, A, c]
+            edge = Linear(cfg.c_atom, use_bias=False, name=f"mp_{i}_edge")(bonds)  # [*, A, A, c]
             msg = jax.nn.relu(node[..., None, :, :] + edge) * senders[..., None]  # [*, A, A, c]
             agg = jnp.sum(msg, axis=-2)  # [*, A, c]
-            x = LayerNorm(name=f"mp_{i}_norm")(x + Linear(self.c_atom, name=f"mp_{i}_update")(agg))  # [*, A, c]
+            x = LayerNorm(name=f"mp_{i}_norm")(x + Linear(cfg.c_atom, name=f"mp_{i}_update")(agg))  # [*, A, c]
 
         # -- interface: ligand atoms attend to pocket residues, biased by pose distances
         s = LayerNorm(name="single_norm")(single.astype(f32))  # [*, N, C_s]
@@ -137,11 +130,11 @@ class LigandAffinityHead(nn.Module):
         d = jnp.where(present, d, _FAR)  # [*, A, N, 37]
         d_min = jnp.min(d, axis=-1)  # [*, A, N]
         d_ca = d[..., rc.atom_order["CA"]]  # [*, A, N]
-        rbf = jnp.concatenate([radial_basis(d_min, self.n_rbf, self.rbf_max),
-                               radial_basis(d_ca, self.n_rbf, self.rbf_max)], axis=-1)  # [*, A, N, 2R]
-        bias = Linear(self.n_heads, name="distance_bias")(rbf)  # [*, A, N, H]
+        rbf = jnp.concatenate([radial_basis(d_min, cfg.n_rbf, cfg.rbf_max),
+                               radial_basis(d_ca, cfg.n_rbf, cfg.rbf_max)], axis=-1)  # [*, A, N, 2R]
+        bias = Linear(cfg.n_heads, name="distance_bias")(rbf)  # [*, A, N, H]
 
-        h, c = self.n_heads, self.c_hidden
+        h, c = cfg.n_heads, cfg.c_hidden
         q = Linear(h * c, use_bias=False, name="linear_q")(x)  # [*, A, H*c]
         k = Linear(h * c, use_bias=False, name="linear_k")(s)  # [*, N, H*c]
         v = Linear(h * c, use_bias=False, name="linear_v")(s)  # [*, N, H*c]
@@ -154,17 +147,16 @@ class LigandAffinityHead(nn.Module):
         attn = jax.nn.softmax(logits, axis=-1)  # [*, A, H, N]
         o = jnp.einsum("...ahn,...nhc->...ahc", attn, v)  # [*, A, H, c]
         o = o.reshape(o.shape[:-2] + (h * c,))  # [*, A, H*c]
-        x = LayerNorm(name="interface_norm")(x + Linear(self.c_atom, name="linear_o")(o))  # [*, A, c]
+        x = LayerNorm(name="interface_norm")(x + Linear(cfg.c_atom, name="linear_o")(o))  # [*, A, c]
 
         # -- pooling and MLP
         lig = _masked_mean(x, lig_mask)  # [*, c]
-        res = Linear(self.c_atom, name="residue_proj")(_masked_mean(s, w))  # [*, c]
+        res = Linear(cfg.c_atom, name="residue_proj")(_masked_mean(s, w))  # [*, c]
         z = jnp.concatenate([lig, res], axis=-1)  # [*, 2c]
-        z = jax.nn.relu(Linear(self.hidden_dim, init="relu", name="linear_1")(z))  # [*, D]
-        z = nn.Dropout(self.dropout_rate)(z, deterministic=deterministic)  # [*, D]
+        z = jax.nn.relu(Linear(cfg.hidden_dim, init="relu", name="linear_1")(z))  # [*, D]
+        z = nn.Dropout(cfg.dropout)(z, deterministic=deterministic)  # [*, D]
         return Linear(1, name="linear_2")(z)[..., 0]  # [*]
 
     @classmethod
     def from_config(cls, cfg: LigandHeadConfig) -> "LigandAffinityHead":
-        return cls(c_atom=cfg.c_atom, n_mp_layers=cfg.n_mp_layers, n_heads=cfg.n_heads, c_hidden=cfg.c_hidden,
-                   n_rbf=cfg.n_rbf, rbf_max=cfg.rbf_max, hidden_dim=cfg.hidden_dim, dropout_rate=cfg.dropout)
+        return cls(config=cfg)

@@ -58,10 +58,15 @@ def sync(name: str, timeout_s: int = SYNC_TIMEOUT_S) -> None:
         ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
 
 
+def held_whole(x: jax.Array) -> bool:
+    """Whether this process holds the whole value of `x` (on its own devices, or replicated)."""
+    return x.is_fully_addressable or x.is_fully_replicated
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """The whole value of a global array as numpy in every process (gathered from the other
     processes when it is spread over them)."""
-    if x.is_fully_addressable or x.is_fully_replicated:
+    if held_whole(x):
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 

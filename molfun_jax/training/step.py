@@ -132,6 +132,12 @@ def frozen_blocks(plan: Plan) -> int:
     return 0 if below else min(starts, default=plan.no_blocks)
 
 
+def _jit_over(mesh: Mesh, fn: Callable, in_specs: Any, out_specs: Any, **jit_kwargs: Any) -> Callable:
+    """`fn` under `shard_map` over `mesh`, jitted."""
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False),
+                   **jit_kwargs)
+
+
 def _features(batch: Mapping[str, Array]) -> dict[str, Array]:
     return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
 
@@ -185,9 +191,7 @@ def make_train_step(model: AffinityModel, plan: Plan, tx: optax.GradientTransfor
         new.update(step=state["step"] + 1, rng=state["rng"])
         return new, {"loss": l / denom, "weight": w, "grad_norm": grad_norm, "skipped": skipped}
 
-    sharded = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), P(), P(None, DATA_AXIS)),
-                            out_specs=(P(), P()), check_vma=False)
-    return jax.jit(sharded, donate_argnums=(0,))
+    return _jit_over(mesh, local_step, (P(), P(), P(None, DATA_AXIS)), (P(), P()), donate_argnums=(0,))
 
 
 def make_predict_step(model: AffinityModel, plan: Plan, mesh: Mesh) -> Callable[[Any, dict, dict], Array]:
@@ -197,8 +201,7 @@ def make_predict_step(model: AffinityModel, plan: Plan, mesh: Mesh) -> Callable[
         variables = plan.combine(trainable, frozen)
         return jax.vmap(model.predict, in_axes=(None, 0))(variables, _features(batch))
 
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS),
-                                 check_vma=False))
+    return _jit_over(mesh, local, (P(), P(), P(DATA_AXIS)), P(DATA_AXIS))
 
 
 def make_single_step(model: AffinityModel, mesh: Mesh) -> Callable[[dict, dict], Array]:
@@ -207,5 +210,4 @@ def make_single_step(model: AffinityModel, mesh: Mesh) -> Callable[[dict, dict],
     def local(variables: dict, batch: dict) -> Array:
         return jax.vmap(model.single, in_axes=(None, 0))(variables, _features(batch)).astype(jnp.float32)
 
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS),
-                                 check_vma=False))
+    return _jit_over(mesh, local, (P(), P(DATA_AXIS)), P(DATA_AXIS))
