@@ -83,6 +83,7 @@ def sequence_identity(a: str, b: str) -> float:
     if a == b:
         return 1.0
     denom = max(min(len(a), len(b)), min(max(len(a), len(b)), IDENTITY_MIN_LENGTH))
+    a, b = sorted((a, b))  # the aligner breaks ties between equal-scoring alignments by argument order
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         aln = _aligner().align(a, b)[0]
