@@ -57,7 +57,7 @@ def main() -> None:
     single = jnp.asarray(np.random.default_rng(0).normal(size=(n, c_s)), jnp.float32)
     seq_mask = jnp.ones(n, jnp.float32)
     head_cfg = LigandHeadConfig()
-    head = LigandAffinityHead.from_config(head_cfg)
+    head = LigandAffinityHead(head_cfg)
     kw = {k: jnp.asarray(ex[k]) for k in LIGAND_HEAD_INPUT_KEYS}
     params = head.init(jax.random.PRNGKey(0), single, seq_mask, ex["pocket_mask"], **kw)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))

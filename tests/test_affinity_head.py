@@ -12,7 +12,7 @@ def init(head, c_s=384, n=10):
 
 
 def test_head_size():
-    params = init(AffinityHead.from_config(HeadConfig()))
+    params = init(AffinityHead(HeadConfig()))
     n = sum(x.size for x in jax.tree_util.tree_leaves(params))
     assert n == 2 * 384 + (384 * 128 + 128) + (128 + 1) == 50_177
     assert params["linear_1"]["kernel"].shape == (384, 128) and params["linear_2"]["kernel"].shape == (128, 1)

@@ -61,7 +61,7 @@ def _apply(head, params, ex):
 
 @pytest.fixture(scope="module")
 def head_4x6p():
-    head = LigandAffinityHead.from_config(SMALL)
+    head = LigandAffinityHead(SMALL)
     ex = _example("4x6p")
 
     @jax.jit
@@ -87,7 +87,7 @@ def test_param_count_by_hand():
     assert (F, B) == (45, 7)
     by_hand = ((F * c + c) + L * (2 * c * c + B * c + 4 * c) + 2 * cs + (2 * R * H + H) + c * H * h
                + 2 * cs * H * h + (H * h * c + c) + 2 * c + (cs * c + c) + (2 * c * D + D) + (D + 1))
-    head = LigandAffinityHead.from_config(SMALL)
+    head = LigandAffinityHead(SMALL)
     ex = {"all_atom_positions": jnp.zeros((5, 37, 3)), "all_atom_mask": jnp.ones((5, 37)),
           "ligand_atom_feat": jnp.zeros((4, F)), "ligand_bond_feat": jnp.zeros((4, 4, B)),
           "ligand_positions": jnp.zeros((4, 3)), "ligand_mask": jnp.ones(4)}
@@ -230,7 +230,7 @@ def test_decisive_ligand_head_fits_ligand_chemistry_pocket_head_cannot(capsys):
 
     p_pocket, loss_pocket = _train(lambda p, b: jnp.mean(jnp.square(pocket_pred(p, b) - b["y"])), p_pocket, batch)
 
-    lig_head = LigandAffinityHead.from_config(SMALL)
+    lig_head = LigandAffinityHead(SMALL)
     lig_keys = LIGAND_HEAD_INPUT_KEYS
 
     def lig_pred(p, b):

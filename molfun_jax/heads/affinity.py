@@ -77,10 +77,6 @@ class AffinityHead(nn.Module):
         h = nn.Dropout(self.config.dropout)(h, deterministic=deterministic)
         return Linear(1, name="linear_2")(h)[..., 0]
 
-    @classmethod
-    def from_config(cls, cfg: HeadConfig) -> "AffinityHead":
-        return cls(config=cfg)
-
 
 def affinity_loss(pred: Array, target: Array, kind: str = "mse", delta: float = 1.0) -> Array:
     """Per-example loss (same shape as `pred`): squared error or Huber with `delta`."""

@@ -156,7 +156,3 @@ class LigandAffinityHead(nn.Module):
         z = jax.nn.relu(Linear(cfg.hidden_dim, init="relu", name="linear_1")(z))  # [*, D]
         z = nn.Dropout(cfg.dropout)(z, deterministic=deterministic)  # [*, D]
         return Linear(1, name="linear_2")(z)[..., 0]  # [*]
-
-    @classmethod
-    def from_config(cls, cfg: LigandHeadConfig) -> "LigandAffinityHead":
-        return cls(config=cfg)

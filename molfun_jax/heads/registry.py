@@ -5,8 +5,8 @@ step need to know of a head (its config class, its Flax module, the example keys
     head = make_head(cfg)                                          # the Flax module
     head.apply({"params": p}, single, seq_mask, pocket_mask, **head_inputs(cfg, example))
 
-A new head: a Flax module with `from_config(cfg)`, a frozen config dataclass with a `kind`
-field, and `register_head(HeadKind(...))`. Every head reads `single`, `seq_mask` and
+A new head: a Flax module whose one field is its `config`, a frozen config dataclass with a
+`kind` field, and `register_head(HeadKind(...))`. Every head reads `single`, `seq_mask` and
 `pocket_mask`; `input_keys` are the other example features it takes (keyword arguments).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from molfun_jax.heads.ligand import LIGAND_HEAD_INPUT_KEYS, LigandAffinityHead, 
 @dataclasses.dataclass(frozen=True)
 class HeadKind:
     """A head: `name` (its config's `kind`, the CLI's `--head`), `config` class, Flax `module`
-    class (with `from_config`), the extra example keys it reads, and a one-line `summary`."""
+    class (built as `module(config=cfg)`), the extra example keys it reads, and a one-line `summary`."""
     name: str
     config: type
     module: type
@@ -73,7 +73,7 @@ def head_config_from_dict(d: Mapping[str, Any]) -> Any:
 
 def make_head(cfg: Any) -> nn.Module:
     """The Flax module of a head config."""
-    return head_kind(cfg).module.from_config(cfg)
+    return head_kind(cfg).module(config=cfg)
 
 
 def head_inputs(cfg: Any, example: Mapping[str, Any]) -> dict[str, Any]:
