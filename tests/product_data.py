@@ -4,11 +4,15 @@ label = radius of gyration of the CA atoms (Angstrom) / N_res^0.4 (Rg of a compa
 as ~N^0.4, so the label is a size-free compactness score; about 2-3 here)."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from tests.conftest import FIXTURES
 
@@ -47,8 +51,23 @@ N_RES = 16  # chains are cropped to their first 16 residues (--max-len 16; no li
 
 
 def _session_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    """A folder shared by every test of the session (pytest's base temp)."""
+    """A folder of this worker's session (pytest's base temp)."""
     return tmp_path_factory.getbasetemp() / name
+
+
+def shared_path(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A path shared by every test of the run, across pytest-xdist workers too (their base temps
+    are folders of one run folder): what one worker builds there, the others reuse."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+@contextlib.contextmanager
+def building(path: Path) -> Iterator[Path]:
+    """Hold `path`'s lock while building it (or finding it built), so that two workers never build
+    one thing twice, nor read it half-written."""
+    with FileLock(f"{path}.lock"):
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -107,21 +126,23 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory, compile_cache: Path) 
     """Random weights of the whole `tiny` preset (for `--preset tiny --weights`)."""
     from molfun_jax.config import model_config
 
-    return write_weights(_session_dir(tmp_path_factory, "tiny_weights"), model_config("tiny"))
+    with building(shared_path(tmp_path_factory, "tiny_weights")) as out:
+        return write_weights(out, model_config("tiny"))
 
 
 @pytest.fixture(scope="session")
 def fast_weights(tmp_path_factory: pytest.TempPathFactory, compile_cache: Path) -> Path:
     """Random weights of `fast_config()`."""
-    return write_weights(_session_dir(tmp_path_factory, "fast_weights"), fast_config())
+    with building(shared_path(tmp_path_factory, "fast_weights")) as out:
+        return write_weights(out, fast_config())
 
 
 @pytest.fixture(scope="session")
 def data_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = _session_dir(tmp_path_factory, "data")
+    out = shared_path(tmp_path_factory, "data")
     out.mkdir(exist_ok=True)
-    path = out / "affinity.csv"
-    return path if path.is_file() else write_csv(path)
+    with building(out / "affinity.csv") as path:
+        return path if path.is_file() else write_csv(path)
 
 
 @pytest.fixture(scope="session")

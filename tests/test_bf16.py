@@ -39,7 +39,7 @@ def test_bf16_forward_runs_finite_with_float32_norms_and_softmax():
     variables = model.init_variables(random_trunk(), s, jax.random.PRNGKey(0))
     ex = {k: jnp.asarray(v) for k, v in examples(1)[0].items() if k != "target"}
     assert_norms_and_softmax_float32(jax.make_jaxpr(model.predict)(variables, ex).jaxpr)
-    p32 = AffinityModel(tiny_config()).predict(variables, ex)
+    p32 = jax.jit(AffinityModel(tiny_config()).predict)(variables, ex)
     p16 = jax.jit(model.predict)(variables, ex)
     assert p16.dtype == jnp.float32 and np.isfinite(float(p16))
     assert abs(float(p16) - float(p32)) <= 0.05 * max(abs(float(p32)), 1.0)  # bf16 rounding, not a bug

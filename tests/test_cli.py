@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from argparse import Namespace
@@ -18,8 +19,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from tests.product_data import (CHAINS, IDS, compile_cache, data_csv, tiny_weights,  # noqa: F401 (fixtures)
-                                write_csv)
+from tests.product_data import (CHAINS, IDS, building, compile_cache, data_csv, shared_path,  # noqa: F401
+                                tiny_weights, write_csv)
 
 TRAIN = ROOT / "scripts" / "train.py"
 
@@ -50,11 +51,12 @@ def metrics_rows(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def lora_cli_run(tmp_path_factory, data_csv, tiny_weights, compile_cache):
-    out = tmp_path_factory.getbasetemp() / "cli_lora_run"
-    if not (out / "report.json").is_file():
-        r = run_script(TRAIN, train_args(data_csv, tiny_weights, out), compile_cache)
-        assert r.returncode == 0, r.stdout + r.stderr
-        (out / "stdout.txt").write_text(r.stdout)
+    with building(shared_path(tmp_path_factory, "cli_lora_run")) as out:
+        if not (out / "stdout.txt").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # a run a killed worker left unfinished
+            r = run_script(TRAIN, train_args(data_csv, tiny_weights, out), compile_cache)
+            assert r.returncode == 0, r.stdout + r.stderr
+            (out / "stdout.txt").write_text(r.stdout)
     return out
 
 

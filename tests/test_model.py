@@ -147,10 +147,11 @@ def test_padding_to_a_larger_bucket_changes_nothing():
 def test_recycling_compiles_once_whatever_the_count():
     cfg = model_config("tiny")
     feats = structure_features("3a4rA.pdb.gz")
+    # shapes are all lowering needs; the params do not depend on the recycling count
+    params = jax.eval_shape(AlphaFold(cfg).init, jax.random.PRNGKey(0), feats)
     sizes = {}
     for r in (1, 4):
         cfg.globals.num_recycles = r
-        params = jax.eval_shape(AlphaFold(cfg).init, jax.random.PRNGKey(0), feats)  # shapes are all lowering needs
         text = jax.jit(lambda p, f: AlphaFold(cfg).apply(p, f)).lower(params, feats).as_text()
         sizes[r] = len(text)
     # the recycled iteration is one scan body: program size does not grow with the count
