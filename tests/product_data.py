@@ -55,17 +55,14 @@ def _session_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     return tmp_path_factory.getbasetemp() / name
 
 
-def shared_path(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    """A path shared by every test of the run, across pytest-xdist workers too (their base temps
-    are folders of one run folder): what one worker builds there, the others reuse."""
-    base = tmp_path_factory.getbasetemp()
-    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
-
-
 @contextlib.contextmanager
-def building(path: Path) -> Iterator[Path]:
-    """Hold `path`'s lock while building it (or finding it built), so that two workers never build
-    one thing twice, nor read it half-written."""
+def shared_path(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """A path shared by every test of the run, across pytest-xdist workers too (their base temps
+    are folders of one run folder), held under its lock while the caller builds it or finds it
+    built: one worker builds it, the others reuse it, and none reads it half-written."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock"):
         yield path
 
@@ -126,22 +123,20 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory, compile_cache: Path) 
     """Random weights of the whole `tiny` preset (for `--preset tiny --weights`)."""
     from molfun_jax.config import model_config
 
-    with building(shared_path(tmp_path_factory, "tiny_weights")) as out:
+    with shared_path(tmp_path_factory, "tiny_weights") as out:
         return write_weights(out, model_config("tiny"))
 
 
 @pytest.fixture(scope="session")
 def fast_weights(tmp_path_factory: pytest.TempPathFactory, compile_cache: Path) -> Path:
     """Random weights of `fast_config()`."""
-    with building(shared_path(tmp_path_factory, "fast_weights")) as out:
+    with shared_path(tmp_path_factory, "fast_weights") as out:
         return write_weights(out, fast_config())
 
 
 @pytest.fixture(scope="session")
 def data_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = shared_path(tmp_path_factory, "data")
-    out.mkdir(exist_ok=True)
-    with building(out / "affinity.csv") as path:
+    with shared_path(tmp_path_factory, "data/affinity.csv") as path:
         return path if path.is_file() else write_csv(path)
 
 

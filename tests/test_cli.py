@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from tests.product_data import (CHAINS, IDS, building, compile_cache, data_csv, shared_path,  # noqa: F401
+from tests.product_data import (CHAINS, IDS, compile_cache, data_csv, shared_path,  # noqa: F401 (fixtures)
                                 tiny_weights, write_csv)
 
 TRAIN = ROOT / "scripts" / "train.py"
@@ -51,7 +51,7 @@ def metrics_rows(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def lora_cli_run(tmp_path_factory, data_csv, tiny_weights, compile_cache):
-    with building(shared_path(tmp_path_factory, "cli_lora_run")) as out:
+    with shared_path(tmp_path_factory, "cli_lora_run") as out:
         if not (out / "stdout.txt").is_file():
             shutil.rmtree(out, ignore_errors=True)  # a run a killed worker left unfinished
             r = run_script(TRAIN, train_args(data_csv, tiny_weights, out), compile_cache)
