@@ -16,16 +16,20 @@ gradient under a frozen trunk). The first step's loss and gradient norm must agr
         # 4 Evoformer blocks on both sides (the per-block cost); top XLA ops of one traced step
     ... --inputs /tmp/in48   # keep the written inputs there and reuse them in later invocations
 
-Time is the median of `--repeats` steps after one warm-up step. Our side runs as `fit` under the
-CLI does: CPU computations on the calling thread, steps reusing their buffers' pages
-(`training.memory`).
+Time is the median of `--repeats` steps after one warm-up step. With `--forward`, the LoRA rows
+also print the step/forward ratio of matmul FLOPs, counted from the compiled HLO (`dot_flops`):
+the step/forward time ratio's floor if the step's backward ran at the forward's FLOP rate. Our
+side runs as `fit` under the CLI does: CPU computations on the calling thread, steps reusing
+their buffers' pages (`training.memory`).
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util  # noqa: F401  (openfold.config needs it)
 import json
+import math
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -192,8 +196,9 @@ def run_ours(job: dict, folder: Path) -> dict:
                 out.update(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]))
         out.update(step_s=statistics.median(times[1:]), **peak_rss(setup_gib),
                    faults=(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / job["repeats"])
-        if job.get("forward"):
-            out["forward_s"] = time_forward(model, state, frozen, plan, ex, job["repeats"])
+        if job.get("forward"):  # after the peak RSS: the HLO text and its parse are not the step's memory
+            out["forward_s"], out["forward_flops"] = time_forward(model, state, frozen, plan, ex, job["repeats"])
+            out["flops"] = dot_flops(compiled.as_text())
         if job.get("profile"):  # last: the traced step donates `state`
             out["top_ops"] = profile_step(compiled, state, frozen, batch, job["profile"])
     return out
@@ -244,19 +249,72 @@ def memory_plan(compiled) -> dict:
                               - m.alias_size_in_bytes) / g}
 
 
-def time_forward(model, state, frozen, plan, ex, repeats: int) -> float:
-    """Our forward alone (trunk + head prediction of the same example), the step's yardstick."""
+_COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{$")
+_DEFINED_SHAPE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \(?\w+\[([\d,]*)\]")
+# a dot, or a library GEMM (cuBLAS custom-call on GPU) carrying dot dimension numbers
+_CONTRACTING = re.compile(r'lhs_contracting_dims=\{([\d,]*)\}|"lhs_contracting_dimensions":\[([^\]]*)\]')
+_LHS = re.compile(r" (?:dot|custom-call)\((?:\w+\[([\d,]*)\]\S* )?%?([\w.\-]+)")
+
+
+def dot_flops(hlo_text: str) -> float:
+    """The matmul FLOPs an optimised XLA module executes: 2 x output size x contracted size for
+    each dot (or library GEMM), fused ones included, a while loop's body counted once per
+    iteration (its `known_trip_count`), a conditional's costliest branch. XLA's
+    `cost_analysis()` counts a loop's body once: for the scanned 48-block trunk it reports
+    about 1/34 of the step's FLOPs."""
+    comps: dict[str, list[str]] = {}
+    entry, cur = None, None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            cur = m.group(2)
+            comps[cur] = []
+            entry = cur if m.group(1) else entry
+        elif cur is not None:
+            comps[cur].append(line)
+    dims = lambda s: [int(x) for x in s.replace('"', "").split(",") if x.strip()]
+    shapes = {m.group(1): dims(m.group(2)) for lines in comps.values() for line in lines
+              if (m := _DEFINED_SHAPE.match(line))}
+    memo: dict[str, float] = {}
+
+    def flops(name: str) -> float:
+        if name not in memo:
+            memo[name] = sum(map(instruction, comps.get(name, ())))
+        return memo[name]
+
+    def instruction(line: str) -> float:
+        contracting, lhs = _CONTRACTING.search(line), _LHS.search(line)
+        if contracting and lhs:
+            out = _DEFINED_SHAPE.match(line)
+            lhs_dims = dims(lhs.group(1)) if lhs.group(1) is not None else shapes[lhs.group(2)]
+            k = math.prod(lhs_dims[i] for i in dims(contracting.group(1) or contracting.group(2)))
+            return 2.0 * math.prod(dims(out.group(2))) * k
+        if " while(" in line:
+            trips = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
+            return (int(trips.group(1)) if trips else 1) * flops(re.search(r"body=%?([\w.\-]+)", line).group(1))
+        branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+        if branches:
+            return max(flops(b.strip().lstrip("%")) for b in branches.group(1).split(","))
+        return sum(flops(c) for c in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line))
+
+    return flops(entry) if entry else 0.0
+
+
+def time_forward(model, state, frozen, plan, ex, repeats: int) -> tuple[float, float]:
+    """Our forward alone (trunk + head prediction of the same example), the step's yardstick:
+    (median seconds, matmul FLOPs)."""
     import jax
     from molfun_jax.training.step import LABEL_KEYS
     feats = {k: v for k, v in ex.items() if k not in LABEL_KEYS}
-    fwd = jax.jit(lambda t, f, x: model.predict(plan.combine(t, f), x))
+    fwd = jax.jit(lambda t, f, x: model.predict(plan.combine(t, f), x)).lower(
+        state["trainable"], frozen, feats).compile()
     fwd(state["trainable"], frozen, feats).block_until_ready()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fwd(state["trainable"], frozen, feats).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), dot_flops(fwd.as_text())
 
 
 # --- OpenFold's side -----------------------------------------------------------------------------
@@ -393,7 +451,8 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=None, help="Evoformer blocks on both sides (default: the preset's)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sides", default="ours,openfold")
-    ap.add_argument("--forward", action="store_true", help="ours: also time the forward (LoRA rows)")
+    ap.add_argument("--forward", action="store_true", help="ours: also time the forward (LoRA rows), and print the step's and the forward's "
+                         "matmul FLOPs and FLOP rates")
     ap.add_argument("--compile-only", action="store_true",
                     help="ours only: XLA memory plans (fp32 and bf16) of the LoRA step, remat on")
     ap.add_argument("--profile", default=None, metavar="DIR",
@@ -463,6 +522,13 @@ def main() -> None:
                         elif d:
                             faults = f", {d['faults']:,.0f} page faults a step" if "faults" in d else ""
                             print(f"    {side}: loss {d.get('loss'):.6e} grad_norm {d.get('grad_norm'):.6e}{faults}")
+                    if "forward_flops" in o:  # the step/forward ratio's floor if both ran at one FLOP rate
+                        step_rate, fwd_rate = o["flops"] / o["step_s"], o["forward_flops"] / o["forward_s"]
+                        print(f"    ours: step {o['flops'] / 1e9:.1f} GFLOP in matmuls = "
+                              f"{o['flops'] / o['forward_flops']:.2f}x the forward's {o['forward_flops'] / 1e9:.1f}; "
+                              f"step/forward {o['step_s'] / o['forward_s']:.2f}x: the step runs at "
+                              f"{step_rate / 1e9:.1f} GFLOP/s, {100 * step_rate / fwd_rate:.0f}% of the forward's "
+                              f"{fwd_rate / 1e9:.1f}")
                     for what, t_ms, share in o.get("top_ops", []):
                         print(f"    {t_ms:10.1f} ms {100 * share:5.1f}%  {what}")
         print("speed = OpenFold step / ours; mem = OpenFold peak RSS / ours (whole process; steps: peak RSS while "

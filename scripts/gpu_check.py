@@ -3,7 +3,10 @@
 1. bf16 vs fp32 parity of the full model (model_1_ptm, random non-zero weights) on a real chain:
    max |bf16 - fp32| / max |fp32| of the single and pair representations and the atom positions.
 2. LoRA train step (rank 8 on q, v) at N=256 and 384 in bf16: time per step (median of 3 after a
-   warm-up), peak device memory (`jax` memory stats), MFU from XLA's FLOP count of the step.
+   warm-up) and against the forward's (the issue's step/forward ratio, and the same ratio of
+   their matmul FLOPs: the floor if both ran at one FLOP rate), peak device memory (`jax` memory
+   stats), utilisation: the step's matmul FLOPs (remat's recompute included; counted from the
+   compiled HLO, each loop iteration once) / time / the GPU's dense bf16 peak.
 3. Head-only: one epoch on a cached trunk output against one epoch through the trunk.
 
     python scripts/gpu_check.py            # on the GPU
@@ -24,9 +27,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from scripts.bench_train_step import dot_flops, time_forward  # noqa: E402
 from tests.finetune_common import random_params  # noqa: E402
 
-# dense bf16 peak FLOP/s by device kind (vendor data sheets, SXM); MFU is left out elsewhere
+# dense bf16 peak FLOP/s by device kind (vendor data sheets, SXM); utilisation is left out elsewhere
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
@@ -91,13 +95,12 @@ def lora_step(cfg, params, feats, repeats: int) -> dict[str, float | None]:
     from molfun_jax.training import LoRA, make_batches, shard_batch
     model, variables, plan, tx, mesh, step = setup(cfg, params, LoRA(amp=True))
     state, frozen = fresh_state(plan, variables, tx, mesh)
-    batch = shard_batch(make_batches([dict(feats, target=np.float32(0.5))], 1, 1)[0], mesh, 1)
+    ex = dict(feats, target=np.float32(0.5))
+    batch = shard_batch(make_batches([ex], 1, 1)[0], mesh, 1)
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     t_compile = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    flops = dot_flops(compiled.as_text())
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
@@ -105,9 +108,12 @@ def lora_step(cfg, params, feats, repeats: int) -> dict[str, float | None]:
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     step = statistics.median(times[1:])
+    peak_gib = peak_memory_gib()  # the step's: the forward below needs less
+    forward_s, forward_flops = time_forward(model, state, frozen, plan, ex, repeats)
     peak = peak_flops()
-    return {"compile_s": t_compile, "step_s": step, "peak_gib": peak_memory_gib(), "gflop": flops / 1e9,
-            "mfu": flops / step / peak if peak and flops else None, "loss": float(m["loss"])}
+    return {"compile_s": t_compile, "step_s": step, "peak_gib": peak_gib, "gflop": flops / 1e9,
+            "util": flops / step / peak if peak and flops else None, "loss": float(m["loss"]),
+            "forward_s": forward_s, "flop_ratio": flops / forward_flops if forward_flops else None}
 
 
 def head_only_epochs(cfg, params, feats_list) -> dict[str, float]:
@@ -159,9 +165,12 @@ def main() -> None:
     for n in ns:
         r = lora_step(cfg, params, chain_features(args.chain, n), repeats)
         mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} GiB"
-        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        rows.append((f"LoRA bf16 N={n}", f"step {r['step_s']:.3f} s, compile {r['compile_s']:.1f} s, peak {mem}, "
-                                         f"{r['gflop']:.4g} GFLOP, MFU {mfu}, loss {r['loss']:.3g}"))
+        util = "-" if r["util"] is None else f"{100 * r['util']:.1f}%"
+        flop_ratio = "-" if r["flop_ratio"] is None else f"{r['flop_ratio']:.2f}x"
+        rows.append((f"LoRA bf16 N={n}", f"step {r['step_s']:.3f} s = {r['step_s'] / r['forward_s']:.2f}x the forward's "
+                                         f"{r['forward_s']:.3f} s (matmul FLOPs {flop_ratio}), compile "
+                                         f"{r['compile_s']:.1f} s, peak {mem}, {r['gflop']:.4g} GFLOP, "
+                                         f"utilisation {util}, loss {r['loss']:.3g}"))
     feats = chain_features(args.chain, n_head)
     h = head_only_epochs(cfg, params, [feats] * n_examples)
     rows.append((f"head-only epoch, {n_examples} x N={n_head}",

@@ -1,0 +1,78 @@
+"""`scripts.bench_train_step.dot_flops`: the matmul FLOPs an optimised XLA module executes,
+checked against hand-derived counts (2 m n k per matmul) and XLA's own count of a loop-free
+module. The benchmark's step/forward FLOP ratio and gpu_check's utilisation read it."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scripts.bench_train_step import dot_flops
+
+M, K, N = 48, 40, 24
+X = jnp.asarray(np.random.default_rng(0).normal(size=(M, K)), jnp.float32)
+W = jnp.asarray(np.random.default_rng(1).normal(size=(K, N)), jnp.float32)
+V = jnp.asarray(np.random.default_rng(2).normal(size=(N, K)), jnp.float32)
+
+
+def _compiled(f, *args):
+    return jax.jit(f).lower(*args).compile()
+
+
+def test_loop_free_module_matches_xla_cost_analysis():
+    c = _compiled(lambda x, w: jnp.tanh(x @ w) + 1.0, X, W)
+    cost = c.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    assert dot_flops(c.as_text()) == 2 * M * K * N
+    # XLA's count adds the elementwise ops (tanh, add) to the same matmul FLOPs
+    assert 2 * M * K * N <= cost["flops"] < 2 * M * K * N * 1.1
+
+
+def test_scan_body_counts_once_per_iteration_and_batched_dots_count_their_batch():
+    def f(x, w, v):
+        def body(h, _):
+            return jnp.tanh((h @ w) @ v), None  # [M, K] -> [M, N] -> [M, K]
+        h, _ = jax.lax.scan(body, x, None, length=7)
+        batched = jnp.einsum("bmk,bkn->bmn", jnp.stack([h, h, h]), jnp.stack([w, w, w]))  # 3 x [M, N]
+        return h, batched
+    assert dot_flops(_compiled(f, X, W, V).as_text()) == 7 * 2 * (2 * M * K * N) + 3 * 2 * M * K * N
+
+
+def test_conditional_counts_its_costliest_branch():
+    def f(p, x, w, v):
+        return jax.lax.cond(p, lambda x: (x @ w) @ v, lambda x: x * 2.0, x)
+    assert dot_flops(_compiled(f, True, X, W, V).as_text()) == 2 * (2 * M * K * N)
+
+
+GPU_HLO = """HloModule jit_f, entry_computation_layout={(f32[64,32]{1,0})->f32[64,32]{1,0}}
+
+%cond (p.1: (s32[], f32[64,32])) -> pred[] {
+  %p.1 = (s32[], f32[64,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element((s32[], f32[64,32]{1,0}) %p.1), index=0
+  %c3 = s32[] constant(3)
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %c3), direction=LT
+}
+
+%body (p.2: (s32[], f32[64,32])) -> (s32[], f32[64,32]) {
+  %p.2 = (s32[], f32[64,32]{1,0}) parameter(0)
+  %i.1 = s32[] get-tuple-element((s32[], f32[64,32]{1,0}) %p.2), index=0
+  %x = f32[64,32]{1,0} get-tuple-element((s32[], f32[64,32]{1,0}) %p.2), index=1
+  %w = f32[32,32]{1,0} constant({...})
+  %custom-call.1 = (f32[64,32]{1,0}, s8[4194304]{0}) custom-call(f32[64,32]{1,0} %x, f32[32,32]{1,0} %w), custom_call_target="__cublas$lt$matmul", backend_config={"operation_queue_id":"0","wait_on_operation_queues":[],"gemm_backend_config":{"alpha_real":1,"alpha_imag":0,"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"}}
+  %y = f32[64,32]{1,0} get-tuple-element((f32[64,32]{1,0}, s8[4194304]{0}) %custom-call.1), index=0
+  %one = s32[] constant(1)
+  %next = s32[] add(s32[] %i.1, s32[] %one)
+  ROOT %t = (s32[], f32[64,32]{1,0}) tuple(s32[] %next, f32[64,32]{1,0} %y)
+}
+
+ENTRY %main.9 (a.1: f32[64,32]) -> f32[64,32] {
+  %a.1 = f32[64,32]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[64,32]{1,0}) tuple(s32[] %zero, f32[64,32]{1,0} %a.1)
+  %while = (s32[], f32[64,32]{1,0}) while((s32[], f32[64,32]{1,0}) %init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %out = f32[64,32]{1,0} get-tuple-element((s32[], f32[64,32]{1,0}) %while), index=1
+}
+"""
+
+
+def test_gpu_library_gemm_in_a_loop():
+    # XLA:GPU rewrites dots into cuBLAS custom-calls whose dimension numbers sit in backend_config
+    assert dot_flops(GPU_HLO) == 3 * 2 * 64 * 32 * 32
