@@ -214,7 +214,6 @@ def profile_step(compiled, state, frozen, batch, folder: str, top: int = 25) -> 
     XLA op time summed by (stack, module, forward | backward incl. recompute) and by op, each
     row [what, ms, share]. Ops are named from the HLO's op_name metadata."""
     import gzip
-    import re
     from collections import Counter
 
     import jax
@@ -451,8 +450,8 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=None, help="Evoformer blocks on both sides (default: the preset's)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sides", default="ours,openfold")
-    ap.add_argument("--forward", action="store_true", help="ours: also time the forward (LoRA rows), and print the step's and the forward's "
-                         "matmul FLOPs and FLOP rates")
+    ap.add_argument("--forward", action="store_true",
+                    help="ours: also time the forward (LoRA rows); print both matmul FLOP counts and rates")
     ap.add_argument("--compile-only", action="store_true",
                     help="ours only: XLA memory plans (fp32 and bf16) of the LoRA step, remat on")
     ap.add_argument("--profile", default=None, metavar="DIR",

@@ -167,10 +167,10 @@ def main() -> None:
         mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} GiB"
         util = "-" if r["util"] is None else f"{100 * r['util']:.1f}%"
         flop_ratio = "-" if r["flop_ratio"] is None else f"{r['flop_ratio']:.2f}x"
-        rows.append((f"LoRA bf16 N={n}", f"step {r['step_s']:.3f} s = {r['step_s'] / r['forward_s']:.2f}x the forward's "
-                                         f"{r['forward_s']:.3f} s (matmul FLOPs {flop_ratio}), compile "
-                                         f"{r['compile_s']:.1f} s, peak {mem}, {r['gflop']:.4g} GFLOP, "
-                                         f"utilisation {util}, loss {r['loss']:.3g}"))
+        rows.append((f"LoRA bf16 N={n}",
+                     f"step {r['step_s']:.3f} s = {r['step_s'] / r['forward_s']:.2f}x the forward's "
+                     f"{r['forward_s']:.3f} s (matmul FLOPs {flop_ratio}), compile {r['compile_s']:.1f} s, "
+                     f"peak {mem}, {r['gflop']:.4g} GFLOP, utilisation {util}, loss {r['loss']:.3g}"))
     feats = chain_features(args.chain, n_head)
     h = head_only_epochs(cfg, params, [feats] * n_examples)
     rows.append((f"head-only epoch, {n_examples} x N={n_head}",
