@@ -15,6 +15,7 @@ gradient under a frozen trunk). The first step's loss and gradient norm must agr
     python scripts/bench_train_step.py --blocks 4 --strategies lora --remat on --sides ours --profile /tmp/prof
         # 4 Evoformer blocks on both sides (the per-block cost); top XLA ops of one traced step
     ... --inputs /tmp/in48   # keep the written inputs there and reuse them in later invocations
+    ... --rounds 3   # each row's two sides 3 times, alternating: medians, and each round's speed
 
 Time is the median of `--repeats` steps after one warm-up step. With `--forward`, the LoRA rows
 also print the step/forward ratio of matmul FLOPs, counted from the compiled HLO (`dot_flops`):
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -432,6 +434,32 @@ def worker(side: str, job: dict, folder: Path) -> dict:
     return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]}
 
 
+MEDIAN_KEYS = ("compile_s", "step_s", "rss_gib", "steps_rss_gib", "forward_s", "faults")
+
+
+def run_rounds(job: dict, folder: Path, sides: Sequence[str], rounds: int) -> tuple[dict, dict, list[float]]:
+    """Each side's job run `rounds` times, alternating (ours, OpenFold, ours, ...), each in a fresh
+    process: per side the first good result with its times and peaks replaced by their medians
+    over the rounds, and each round's speed ratio (OpenFold step / ours). A round's two runs
+    follow each other, so a slow spell of a shared machine (the same step measured 7.5-9.4 s)
+    tends to hit both."""
+    runs: dict[str, list[dict]] = {side: [] for side in ("ours", "openfold")}
+    for _ in range(rounds):
+        for side in runs:
+            if side in sides:
+                runs[side].append(worker(side, job, folder))
+
+    def merged(results: list[dict]) -> dict:
+        good = [x for x in results if "error" not in x]
+        if not good:
+            return results[0] if results else {}
+        return dict(good[0], **{k: statistics.median(x[k] for x in good) for k in MEDIAN_KEYS if k in good[0]})
+
+    speeds = [r["step_s"] / o["step_s"] for o, r in zip(runs["ours"], runs["openfold"])
+              if "step_s" in o and "step_s" in r]
+    return merged(runs["ours"]), merged(runs["openfold"]), speeds
+
+
 def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -450,6 +478,8 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=None, help="Evoformer blocks on both sides (default: the preset's)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sides", default="ours,openfold")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run each row's two sides this many times, alternating; report medians and each round's speed")
     ap.add_argument("--forward", action="store_true",
                     help="ours: also time the forward (LoRA rows); print both matmul FLOP counts and rates")
     ap.add_argument("--compile-only", action="store_true",
@@ -502,8 +532,7 @@ def main() -> None:
                 for remat in remats:
                     job = dict(base, strategy=strat, n=n, remat=remat, dtype="float32",
                                forward=args.forward and strat == "lora")
-                    o = worker("ours", job, folder) if "ours" in args.sides else {}
-                    r = worker("openfold", job, folder) if "openfold" in args.sides else {}
+                    o, r, speeds = run_rounds(job, folder, args.sides.split(","), args.rounds)
                     ratio = lambda a: (r[a] / o[a]) if a in r and a in o else None
                     rel = lambda a: abs(o[a] - r[a]) / max(abs(r[a]), 1e-30) if a in r and a in o else None
                     print(f"{strat:>15} {n:>4} {'on' if remat else 'off':>5} | {fmt(o.get('compile_s'), '7.1f')} "
@@ -515,6 +544,10 @@ def main() -> None:
                           f"{fmt(ratio('step_s'), '6.2f')} {fmt(ratio('rss_gib'), '6.2f')} "
                           f"{fmt(ratio('steps_rss_gib'), '6.2f')} | "
                           f"{fmt(rel('loss'), '8.1e')} {fmt(rel('grad_norm'), '8.1e')}", flush=True)
+                    if len(speeds) > 1:
+                        print(f"    speed by round: {' '.join(f'{x:.2f}' for x in speeds)} "
+                              f"(median {statistics.median(speeds):.2f}); times and peaks above: medians of "
+                              f"{args.rounds} runs a side")
                     for side, d in (("ours", o), ("openfold", r)):
                         if "error" in d:
                             print(f"    {side} failed: {d['error']}")

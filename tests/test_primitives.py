@@ -23,6 +23,27 @@ def test_linear_and_layernorm_match_openfold():
     assert_parity("LayerNorm", LayerNorm().apply({"params": flax_params(ln)}, x), ln(to_torch(x)))
 
 
+def test_layernorm_gradients_match_openfolds_autograd():
+    """LayerNorm's gradients for x, scale and bias are torch autograd's of OpenFold's LayerNorm
+    (a bf16 x: its gradient in bf16, within bf16's rounding)."""
+    rng = np.random.default_rng(1)
+    x = (3 * rng.normal(size=(3, 5, 7)) + 1).astype(np.float32)
+    ct = rng.normal(size=x.shape).astype(np.float32)
+    ln = randomize_(of.LayerNorm(7))
+    xt = to_torch(x).requires_grad_()
+    (ln(xt) * to_torch(ct)).sum().backward()
+    want = {"x": xt.grad, "scale": ln.weight.grad, "bias": ln.bias.grad}
+    params = flax_params(ln)
+    for dtype, rtol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        def loss(p, x):
+            return jnp.sum(LayerNorm().apply({"params": p}, x).astype(jnp.float32) * ct)
+        gp, gx = jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x, dtype))
+        assert gx.dtype == dtype
+        assert_parity(f"LayerNorm dx ({jnp.dtype(dtype).name})", gx.astype(jnp.float32), want["x"], rtol)
+        assert_parity(f"LayerNorm dscale ({jnp.dtype(dtype).name})", gp["scale"], want["scale"], rtol)
+        assert_parity(f"LayerNorm dbias ({jnp.dtype(dtype).name})", gp["bias"], want["bias"], rtol)
+
+
 def test_channel_first_linear_equals_the_openfold_checked_last_axis_one():
     """Linear(out_axis=-3) (the triangle updates' channel-first projections) equals the
     last-axis Linear (checked against OpenFold above) with the feature axis moved, LoRA adapter
