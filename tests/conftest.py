@@ -12,6 +12,12 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def need_fixtures() -> None:
+    """Skip the calling test when the shared structure fixtures are not beside the checkout."""
+    if not (FIXTURES / "chains").is_dir():
+        pytest.skip(f"fixture structures not found at {FIXTURES / 'chains'}")
+
+
 def _strict() -> bool:
     """Under CI=true every skip is a failure: the suite's skips all stand for a missing OpenFold
     reference, torch or fixture, which a CI run must have (a green run must have run them)."""

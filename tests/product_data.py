@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, need_fixtures
 
 CHAINS = FIXTURES / "chains"
 IDS = ("1ahsA", "1dx5I", "1h4aX", "1lpbA", "1or4A", "1v7mV", "2a2lA", "2cviA")
@@ -28,11 +28,6 @@ def compactness(pdb_id: str) -> float:
     ca = p["atom_positions"][:, rc.atom_order["CA"]][p["atom_mask"][:, rc.atom_order["CA"]] > 0]
     rg = float(np.sqrt(np.mean(np.sum((ca - ca.mean(0)) ** 2, -1))))
     return rg / len(p["aatype"]) ** 0.4
-
-
-def need_fixtures() -> None:
-    if not CHAINS.is_dir():
-        pytest.skip(f"fixture structures not found at {CHAINS}")
 
 
 def write_csv(path: Path, ids=IDS, years: bool = True, labels: bool = True) -> Path:

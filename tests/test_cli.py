@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from tests.product_data import (CHAINS, IDS, compile_cache, data_csv, shared_path,  # noqa: F401 (fixtures)
-                                tiny_weights, write_csv)
+from tests.product_data import (CHAINS, IDS, compile_cache, data_csv, need_fixtures,  # noqa: F401 (fixtures)
+                                shared_path, tiny_weights, write_csv)
 
 TRAIN = ROOT / "scripts" / "train.py"
 
@@ -140,6 +140,7 @@ def test_run_errors_exit_2_with_a_message(tmp_path, capsys, compile_cache):
     """Errors found while running (here: a CSV without usable entries) end with `error: ...`."""
     from scripts.train import main
 
+    need_fixtures()
     bad = tmp_path / "bad.csv"
     bad.write_text("pdb_id,affinity\nnope,1.0\n1ahsA,not-a-number\n")
     assert main(["--data", str(bad), "--pdbs", str(CHAINS), "--output", str(tmp_path / "o")]) == 2

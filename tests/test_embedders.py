@@ -10,7 +10,7 @@ from molfun_jax.config import model_config
 from molfun_jax.model.embedders import (ExtraMSAEmbedder, InputEmbedder, RecyclingEmbedder,
                                         TemplateAngleEmbedder, TemplatePairEmbedder)
 from molfun_jax.model.template import TemplatePointwiseAttention
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, need_fixtures
 from tests.reference import assert_parity, flax_params, padded_mask, randomize_, to_torch, torch
 
 from openfold.model import embedders as of  # noqa: E402
@@ -23,6 +23,7 @@ N = 10
 def _ca_coords(n: int) -> np.ndarray:
     """CA positions [n, 3] of the first n residues of a real chain."""
     from Bio.PDB import PDBParser
+    need_fixtures()
     with gzip.open(FIXTURES / "chains" / "1ahsA.pdb.gz", "rt") as f:
         chain = next(PDBParser(QUIET=True).get_structure("1ahs", f)[0].get_chains())
     return np.array([r["CA"].coord for r in list(chain)[:n]], np.float32)

@@ -8,7 +8,7 @@ from molfun_jax.np import residue_constants as rc
 from molfun_jax.utils.template_feats import (build_extra_msa_feat, build_template_angle_feat,
                                              build_template_pair_feat,
                                              pseudo_beta_fn)
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, need_fixtures
 from tests.reference import assert_parity, to_torch, torch
 
 from openfold.data.data_transforms import atom37_to_torsion_angles  # noqa: E402
@@ -21,6 +21,7 @@ def _atom37(name: str, start: int, n: int) -> dict[str, np.ndarray]:
     """aatype [n], atom37 positions [n, 37, 3] and mask [n, 37] of residues start..start+n of a
     fixture chain (Biopython)."""
     from Bio.PDB import PDBParser
+    need_fixtures()
     with gzip.open(FIXTURES / "chains" / f"{name}.pdb.gz", "rt") as f:
         chain = next(PDBParser(QUIET=True).get_structure(name, f)[0].get_chains())
     residues = [r for r in chain if r.id[0] == " "][start:start + n]
