@@ -16,6 +16,7 @@ gradient under a frozen trunk). The first step's loss and gradient norm must agr
         # 4 Evoformer blocks on both sides (the per-block cost); top XLA ops of one traced step
     ... --inputs /tmp/in48   # keep the written inputs there and reuse them in later invocations
     ... --rounds 3   # each row's two sides 3 times, alternating: medians, and each round's speed
+    ... --compile-cache /tmp/xla   # ours as a rerun of `train.py`: the step loaded from XLA's cache
 
 Time is the median of `--repeats` steps after one warm-up step. With `--forward`, the LoRA rows
 also print the step/forward ratio of matmul FLOPs, counted from the compiled HLO (`dot_flops`):
@@ -161,6 +162,10 @@ def run_ours(job: dict, folder: Path) -> dict:
                                      release_host_memory, replicate, reusing_host_buffers, shard_batch,
                                      synchronous_cpu_dispatch)
     synchronous_cpu_dispatch()  # before any JAX use, as the CLI does
+    if job.get("compile_cache"):  # as `train.py` does by default
+        from molfun_jax.cli.common import enable_compilation_cache
+        os.environ["MOLFUN_JAX_CACHE"] = job["compile_cache"]
+        enable_compilation_cache()
 
     cfg = bench_config(job["preset"], job["remat"], job["dtype"], job.get("policy"), job.get("blocks"),
                        job.get("chunk_size"))
@@ -486,6 +491,9 @@ def main() -> None:
                     help="ours only: XLA memory plans (fp32 and bf16) of the LoRA step, remat on")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="ours: trace one more step into DIR and print the top ops by time")
+    ap.add_argument("--compile-cache", default=None, metavar="DIR",
+                    help="ours: XLA's persistent compilation cache in DIR, which the CLI uses by default, so each "
+                         "row measures a rerun (the step loaded, not compiled); one untimed run a row fills DIR first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--inputs", default=None, metavar="DIR",
                     help="keep the written inputs in DIR and reuse them when present (same preset/seed/blocks)")
@@ -513,7 +521,8 @@ def main() -> None:
               f"chunk size {args.chunk_size} (ours); machine load "
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
         base = {"preset": args.preset, "chain": args.chain, "repeats": args.repeats, "policy": args.policy,
-                "blocks": args.blocks, "chunk_size": args.chunk_size, "profile": args.profile}
+                "blocks": args.blocks, "chunk_size": args.chunk_size, "profile": args.profile,
+                "compile_cache": args.compile_cache and str(Path(args.compile_cache).absolute())}
         if args.compile_only:
             print(f"{'N':>5} {'dtype':>9} {'compile s':>10} {'XLA temp GiB':>13} {'XLA total GiB':>14}")
             for n in ns:
@@ -532,6 +541,10 @@ def main() -> None:
                 for remat in remats:
                     job = dict(base, strategy=strat, n=n, remat=remat, dtype="float32",
                                forward=args.forward and strat == "lora")
+                    if args.compile_cache and "ours" in args.sides:
+                        fill = worker("ours", dict(job, repeats=1, forward=False, profile=None), folder)
+                        print(f"    compile cache {args.compile_cache}: filled (compile {fmt(fill.get('compile_s'), '.1f')}"
+                              f" s){'  ' + str(fill['error']) if 'error' in fill else ''}", flush=True)
                     o, r, speeds = run_rounds(job, folder, args.sides.split(","), args.rounds)
                     ratio = lambda a: (r[a] / o[a]) if a in r and a in o else None
                     rel = lambda a: abs(o[a] - r[a]) / max(abs(r[a]), 1e-30) if a in r and a in o else None

@@ -285,3 +285,37 @@ def test_partial_split_same_update_without_frozen_backward():
     # block backward: scans of 1 block only (the split); the old path scans both blocks
     assert 2 not in lengths[0] and 1 in lengths[0], lengths
     assert 2 in lengths[1], lengths
+
+
+CACHE_SCRIPT = textwrap.dedent("""
+    import hashlib, json, jax, numpy as np
+    from molfun_jax.cli.common import enable_compilation_cache
+    from molfun_jax.training import LoRA, make_batches, shard_batch
+    from tests.test_train_step import examples, setup
+    assert enable_compilation_cache()  # as train.py does (MOLFUN_JAX_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # tiny model: cache every compile
+    hits = []
+    jax.monitoring.register_event_listener(lambda e, **_: hits.append(e) if e.endswith("/cache_hits") else None)
+    _, _, step, state, frozen, mesh = setup(LoRA(ema_decay=0.5))
+    batch = shard_batch(make_batches(examples(2), 2, 1)[0], mesh, 1)
+    compiled = step.lower(state, frozen, batch).compile()
+    n = len(hits)
+    state, m = compiled(state, frozen, batch)
+    digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(state))).hexdigest()
+    print("RESULT" + json.dumps({"step_hit": n > 0, "loss": float(m["loss"]), "state": digest}))
+""")
+
+
+def test_step_loaded_from_the_compilation_cache_is_the_same_program(tmp_path):
+    """A rerun (`train.py` keeps XLA's persistent cache by default) loads the compiled train step
+    instead of compiling it, and that step gives the first run's loss and updated state bit for bit."""
+    env = {**os.environ, "MOLFUN_JAX_CACHE": str(tmp_path / "xla"), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.split("RESULT", 1)[1]))
+    first, rerun = runs
+    assert not first["step_hit"] and rerun["step_hit"]
+    assert np.isfinite(first["loss"]) and (rerun["loss"], rerun["state"]) == (first["loss"], first["state"])
