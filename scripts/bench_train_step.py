@@ -541,7 +541,7 @@ def main() -> None:
                 for remat in remats:
                     job = dict(base, strategy=strat, n=n, remat=remat, dtype="float32",
                                forward=args.forward and strat == "lora")
-                    if args.compile_cache and "ours" in args.sides:
+                    if args.compile_cache and "ours" in args.sides.split(","):
                         fill = worker("ours", dict(job, repeats=1, forward=False, profile=None), folder)
                         print(f"    compile cache {args.compile_cache}: filled (compile {fmt(fill.get('compile_s'), '.1f')}"
                               f" s){'  ' + str(fill['error']) if 'error' in fill else ''}", flush=True)

@@ -109,16 +109,19 @@ DP_SCRIPT = textwrap.dedent("""
 """)
 
 
+def run_result(script: str, env: dict) -> dict:
+    """Run `script` in a fresh Python process (cwd ROOT); the JSON it prints after "RESULT"."""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
 @pytest.mark.slow  # ~1 min; tests/test_multiprocess.py checks 2 processes x 2 devices too
 def test_data_parallel_two_devices_equal_one():
     """The same global batch on 2 forced host devices and on 1: same gradient, loss and AdamW +
     EMA update."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", DP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    res = run_result(DP_SCRIPT, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
     one, two = res["1"], res["2"]
     assert rel_diff(two["loss"], one["loss"]) <= 1e-6
     assert_same_tree(two["grads"], one["grads"])
@@ -298,24 +301,19 @@ CACHE_SCRIPT = textwrap.dedent("""
     jax.monitoring.register_event_listener(lambda e, **_: hits.append(e) if e.endswith("/cache_hits") else None)
     _, _, step, state, frozen, mesh = setup(LoRA(ema_decay=0.5))
     batch = shard_batch(make_batches(examples(2), 2, 1)[0], mesh, 1)
+    before = len(hits)  # init_state's own small programs hit the cache too
     compiled = step.lower(state, frozen, batch).compile()
-    n = len(hits)
+    step_hit = len(hits) > before
     state, m = compiled(state, frozen, batch)
     digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(state))).hexdigest()
-    print("RESULT" + json.dumps({"step_hit": n > 0, "loss": float(m["loss"]), "state": digest}))
+    print("RESULT" + json.dumps({"step_hit": step_hit, "loss": float(m["loss"]), "state": digest}))
 """)
 
 
 def test_step_loaded_from_the_compilation_cache_is_the_same_program(tmp_path):
     """A rerun (`train.py` keeps XLA's persistent cache by default) loads the compiled train step
     instead of compiling it, and that step gives the first run's loss and updated state bit for bit."""
-    env = {**os.environ, "MOLFUN_JAX_CACHE": str(tmp_path / "xla"), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    runs = []
-    for _ in range(2):
-        proc = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs.append(json.loads(proc.stdout.split("RESULT", 1)[1]))
-    first, rerun = runs
+    env = {"MOLFUN_JAX_CACHE": str(tmp_path / "xla"), "JAX_PLATFORMS": "cpu"}
+    first, rerun = (run_result(CACHE_SCRIPT, env) for _ in range(2))
     assert not first["step_hit"] and rerun["step_hit"]
     assert np.isfinite(first["loss"]) and (rerun["loss"], rerun["state"]) == (first["loss"], first["state"])
