@@ -1,8 +1,9 @@
 """Frozen parameters get no gradient computation, read off the train step's jaxpr (nothing is
 compiled): a kernel's gradient dW = x^T g is a dot_general whose output has the kernel's shape
 (the activations' cotangents keep a residue axis), so the trip-count-weighted number of such dots
-equals the number of trained kernels that reach the loss: HeadOnly and LoRA none of the trunk's,
-Partial(1 of 2 blocks) one block's, Full every block's."""
+equals the number of trained kernels that reach the loss (the kernels of one fused matmul share
+a dW): HeadOnly and LoRA none of the trunk's, Partial(1 of 2 blocks) one block's, Full every
+block's."""
 import itertools
 import math
 
@@ -16,6 +17,8 @@ from tests.finetune_common import synthetic_example, tiny_config
 from tests.test_train_step import setup
 
 N_RES = 11  # a size no channel width has: no activation is kernel-shaped
+# a triangle multiplication's edge projections: one matmul (and one dW) for the four kernels
+TRI_MUL_EDGE = ("linear_a_g", "linear_a_p", "linear_b_g", "linear_b_p")
 
 
 def _subjaxprs(eqn):
@@ -48,19 +51,26 @@ def kernel_shaped_dots(jaxpr, shapes: set, times: int = 1) -> int:
 def trunk_kernel_shapes(trunk) -> set:
     """Shapes of the trunk's kernels, per block for the scanned Evoformer stack; the outer product
     mean's [C*C, C_z] projection also as [C, C, C_z] in any axis order: its einsum contracts that
-    form, and its dW is a dot with that output."""
+    form, and its dW is a dot with that output; a triangle multiplication's fused edge kernel
+    [C_z, 4 * C_hidden]."""
     flat = traverse_util.flatten_dict(trunk)
     shapes = {tuple(np.shape(v)[-2:]) for p, v in flat.items() if p[-1] == "kernel"}
     for p, v in flat.items():
         if p[-3:] == ("outer_product_mean", "linear_out", "kernel"):
             cc, c_z = np.shape(v)[-2:]
             shapes.update(itertools.permutations((math.isqrt(cc), math.isqrt(cc), c_z)))
+        if p[-2:] == (TRI_MUL_EDGE[0], "kernel"):
+            c_z, c_hidden = np.shape(v)[-2:]
+            shapes.add((c_z, len(TRI_MUL_EDGE) * c_hidden))
     return shapes
 
 
-def evoformer_block_kernels(trunk, shapes: set) -> int:
+def evoformer_block_dws(trunk, shapes: set) -> int:
+    """The dW dots of one trained Evoformer block: one a kernel, one for each triangle
+    multiplication's four edge kernels."""
     return sum(1 for p, v in traverse_util.flatten_dict(trunk).items()
-               if p[:2] == ("evoformer", "blocks") and p[-1] == "kernel" and tuple(np.shape(v)[-2:]) in shapes)
+               if p[:2] == ("evoformer", "blocks") and p[-1] == "kernel" and p[-2] not in TRI_MUL_EDGE[1:]
+               and tuple(np.shape(v)[-2:]) in shapes)
 
 
 @pytest.mark.parametrize("strategy", [HeadOnly(amp=False), LoRA(rank=3, amp=False),
@@ -83,7 +93,7 @@ def test_frozen_params_get_no_gradient_dots(strategy):
         state["trainable"]).jaxpr, shapes)
     assert fwd == 0
     block_dw = got - head_like
-    n_block = evoformer_block_kernels(trunk, shapes)
+    n_block = evoformer_block_dws(trunk, shapes)
     if strategy.name in ("head_only", "lora"):
         assert block_dw == 0, (strategy.name, got, head_like)
     elif strategy.name == "partial":

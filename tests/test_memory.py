@@ -115,11 +115,12 @@ XLA_REUSE_SCRIPT = textwrap.dedent("""
     with reusing_host_buffers():
         for _ in range(2):
             compiled(x).block_until_ready()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(3):
+        faults = []
+        for _ in range(5):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             compiled(x).block_until_ready()
-        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
-    print("RESULT", faults / temp_pages, temp_pages)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print("RESULT", sorted(faults)[2] / temp_pages, temp_pages)  # the median run
 """)
 
 
@@ -128,7 +129,8 @@ XLA_REUSE_SCRIPT = textwrap.dedent("""
 def test_synchronous_cpu_dispatch_lets_xla_runs_reuse_their_temporary_buffer(dispatch):
     """An XLA:CPU computation with 64 MiB of temporaries, run again and again in a fresh process
     under `reusing_host_buffers`: with synchronous dispatch the runs reuse the pages (few faults
-    per run); with JAX's default async dispatch (the control) every run faults them in again."""
+    in the median run); with JAX's default async dispatch (the control) every run faults them in
+    again. The median, because on a loaded machine one run in a few faults its pages anyway."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, "-c", XLA_REUSE_SCRIPT, dispatch], env=env, capture_output=True,
@@ -137,9 +139,9 @@ def test_synchronous_cpu_dispatch_lets_xla_runs_reuse_their_temporary_buffer(dis
     share, temp_pages = map(float, proc.stdout.split("RESULT", 1)[1].split())
     assert temp_pages * resource.getpagesize() >= 48 << 20  # large blocks: glibc would mmap them
     if dispatch == "sync":
-        assert share < 0.1, f"{share:.0%} of the temporaries' pages faulted in per run"
+        assert share < 0.1, f"{share:.0%} of the temporaries' pages faulted in the median run"
     else:
-        assert share > 0.5, f"only {share:.0%} of the temporaries' pages faulted per run under async dispatch"
+        assert share > 0.5, f"only {share:.0%} of the temporaries' pages faulted in the median run under async dispatch"
 
 
 def test_synchronous_cpu_dispatch_changes_nothing_once_jax_runs():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from molfun_jax.model.primitives import Attention, GlobalAttention, LayerNorm, Linear, LinearWeights, chunk_layer
+from convert.torch_to_flax import state_dict_to_tree
 from tests.reference import assert_parity, flax_params, padded_mask, randomize_, to_torch, torch
 
 from openfold.model import primitives as of  # noqa: E402
@@ -103,6 +104,34 @@ def test_attention_matches_openfold_with_masks_and_pair_bias(gating):
     mod = Attention(ch, h, gating=gating)
     got = mod.apply({"params": flax_params(ref)}, x, x, [mask_bias, pair_bias])
     assert_parity(f"Attention(gating={gating})", got, want)
+
+
+def test_attention_gradients_match_openfolds_autograd():
+    """Attention's gradients for its inputs, both biases and every param are torch autograd's of
+    OpenFold's Attention, with masked keys (the closed-form softmax derivative's zero rows)."""
+    rng = np.random.default_rng(7)
+    s, n, c, h, ch = 3, 9, 12, 3, 5
+    x = rng.normal(size=(s, n, c)).astype(np.float32)
+    mask_bias = (1e9 * (padded_mask((s, n), 6) - 1))[:, None, None, :]  # [S, 1, 1, N]
+    pair_bias = rng.normal(size=(1, h, n, n)).astype(np.float32)  # [1, H, N, N]
+    ct = rng.normal(size=(s, n, c)).astype(np.float32)
+    ref = randomize_(of.Attention(c, c, c, ch, h, gating=True), 7)
+    xt, bt = to_torch(x).requires_grad_(), to_torch(pair_bias).requires_grad_()
+    (ref(xt, xt, biases=[to_torch(mask_bias), bt]) * to_torch(ct)).sum().backward()
+
+    def loss(p, x, b):
+        return jnp.sum(Attention(ch, h).apply({"params": p}, x, x, [mask_bias, b]) * ct)
+
+    gp, gx, gb = jax.grad(loss, argnums=(0, 1, 2))(flax_params(ref), x, pair_bias)
+    assert_parity("Attention dx", gx, xt.grad)
+    assert_parity("Attention dpair_bias", gb, bt.grad)
+    want = dict(jax.tree_util.tree_flatten_with_path(
+        state_dict_to_tree({k: p.grad for k, p in ref.named_parameters()}))[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(gp)[0])
+    assert got.keys() == want.keys() and len(got) == 7  # q, k, v, g, o kernels; g, o biases
+    for path, g in got.items():
+        assert_parity(f"Attention d{jax.tree_util.keystr(path)}", g, want[path])
+    assert float(np.abs(np.asarray(gb)[..., 6:]).max()) == 0.0  # masked keys get no gradient
 
 
 def test_chunked_attention_equals_unchunked():

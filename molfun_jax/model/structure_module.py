@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from molfun_jax.model.primitives import LayerNorm, Linear
+from molfun_jax.model.primitives import LayerNorm, Linear, softmax
 from molfun_jax.utils.feats import frames_and_literature_positions_to_atom14_pos, torsion_angles_to_frames
 from molfun_jax.utils.rigid_utils import Rigid
 
@@ -114,7 +114,7 @@ class InvariantPointAttention(nn.Module):
         mask = mask.astype(f32)
         square_mask = self.inf * (mask[..., :, None] * mask[..., None, :] - 1)  # [*, N, N]
         a = a + jnp.moveaxis(pt_att, -1, -3) + square_mask[..., None, :, :]
-        a = jax.nn.softmax(a, axis=-1)
+        a = softmax(a)  # [*, H, N, N]
 
         # [*, N, H * C_hidden]
         o = jnp.einsum("...hqk,...khc->...qhc", a, v.astype(f32), precision=_HIGHEST)

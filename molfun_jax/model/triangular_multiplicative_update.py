@@ -8,9 +8,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from molfun_jax.model.primitives import LayerNorm, Linear
+from molfun_jax.model.primitives import LayerNorm, Linear, LinearWeights, dense
 
 Array = jax.Array
+# the edge projections (state-dict names, inits), in the order of their fused matmul's output
+_EDGE_PROJECTIONS = (("linear_a_g", "gating"), ("linear_a_p", "default"), ("linear_b_g", "gating"),
+                     ("linear_b_p", "default"))
 
 
 class TriangleMultiplicativeUpdate(nn.Module):
@@ -29,12 +32,16 @@ class TriangleMultiplicativeUpdate(nn.Module):
             mask = jnp.ones(z.shape[:-1], jnp.float32)
         mask = mask[..., None, :, :].astype(self.dtype)  # [*, 1, N_res, N_res]
         z = LayerNorm(name="layer_norm_in")(z)  # [*, N_res, N_res, C_z]
-        # channel-first edge projections: the edge product is then a matmul batched over channels,
-        # with one transpose of z for all four projections instead of one per operand
-        proj = lambda name, init="default": Linear(self.c_hidden, init=init, dtype=self.dtype, out_axis=-3,
-                                                   name=name)(z)  # [*, C_hidden, N_res, N_res]
-        a = mask * jax.nn.sigmoid(proj("linear_a_g", "gating")) * proj("linear_a_p")  # [*, C_hidden, N_res, N_res]
-        b = mask * jax.nn.sigmoid(proj("linear_b_g", "gating")) * proj("linear_b_p")  # [*, C_hidden, N_res, N_res]
+        # the four edge projections as one channel-first matmul: the edge product is then a matmul
+        # batched over channels, and z is transposed once and multiplied once for all four
+        weights = [LinearWeights(self.c_hidden, init=init, name=name)(z.shape[-1]) for name, init in _EDGE_PROJECTIONS]
+        kernel = jnp.concatenate([w for w, _ in weights], axis=1).astype(self.dtype)  # [C_z, 4 * C_hidden]
+        bias = jnp.concatenate([b for _, b in weights]).astype(self.dtype)  # [4 * C_hidden]
+        # [*, 4 * C_hidden, N_res, N_res]
+        proj = dense(z.astype(self.dtype), kernel, out_axis=-3) + bias[:, None, None]
+        a_g, a_p, b_g, b_p = jnp.split(proj, 4, axis=-3)  # each [*, C_hidden, N_res, N_res]
+        a = mask * jax.nn.sigmoid(a_g) * a_p  # [*, C_hidden, N_res, N_res]
+        b = mask * jax.nn.sigmoid(b_g) * b_p  # [*, C_hidden, N_res, N_res]
         eq = "...cik,...cjk->...cij" if self.outgoing else "...cki,...ckj->...cij"
         x = jnp.einsum(eq, a, b, preferred_element_type=jnp.float32)  # [*, C_hidden, N_res, N_res]
         x = jnp.moveaxis(x, -3, -1)  # [*, N_res, N_res, C_hidden]
