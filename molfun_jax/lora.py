@@ -2,7 +2,8 @@
 
 The adapters live in the Flax collection `lora`, at the same path as the Dense they adapt:
 `lora['evoformer']['blocks']['msa_att_row']['mha']['linear_q'] = {a, b, scale[, dropout]}`, and
-`primitives.Linear` adds `scale * (dropout(x) @ a) @ b` to its output. Adapters of a scanned stack
+`primitives.Linear` adds `scale * (dropout(x) @ a) @ b` to its output (without dropout as one
+matmul over W + `delta`, the kernel `merge` writes). Adapters of a scanned stack
 carry the block axis first, like the params: `a [48, in, r]`, `b [48, r, out]`, `scale [48]`.
 `a` is uniform in +-1/sqrt(in) (PEFT's kaiming-uniform with a=sqrt(5)) and `b` is zero, so at
 step 0 the adapted model is the base model exactly. `scale = alpha / rank` and `dropout` (the

@@ -91,6 +91,32 @@ def test_channel_first_linear_gradients_equal_autodiffs_of_the_last_axis_one():
     assert float(np.abs(want[0]["params"]["kernel"]).max()) > 0.1  # a non-trivial gradient was compared
 
 
+def test_lora_linear_equals_autodiff_of_the_unfolded_update():
+    """A LoRA Linear folds scale * a @ b into the kernel its matmul uses and has its own backward
+    (`lora_dense`): its output and the gradients of x, kernel, bias, a, b and scale equal those of
+    x @ kernel + scale * (x @ a) @ b + bias written out and differentiated by jax.grad, per example
+    under vmap as the train step runs it; with the kernel and bias frozen (LoRA's case) too."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 4, 5, 7)).astype(np.float32)  # [B, I, J, C]
+    ct = rng.normal(size=(2, 4, 5, 11)).astype(np.float32)  # [B, I, J, 11]
+    params = {"kernel": rng.normal(size=(7, 11)).astype(np.float32), "bias": rng.normal(size=(11,)).astype(np.float32)}
+    lora = {"a": rng.normal(size=(7, 3)).astype(np.float32), "b": rng.normal(size=(3, 11)).astype(np.float32),
+            "scale": np.float32(0.7)}
+
+    def ours(params, lora, x):
+        return jax.vmap(lambda xi: Linear(11).apply({"params": params, "lora": lora}, xi))(x)
+
+    def unfolded(params, lora, x):
+        return x @ params["kernel"] + lora["scale"] * ((x @ lora["a"]) @ lora["b"]) + params["bias"]
+
+    np.testing.assert_allclose(ours(params, lora, x), unfolded(params, lora, x), rtol=1e-5, atol=1e-5)
+    for argnums in ((0, 1, 2), (1, 2)):  # everything trained; kernel and bias frozen
+        got, want = (jax.grad(lambda *v: jnp.sum(jnp.tanh(f(*v)) * ct), argnums)(params, lora, x)
+                     for f in (ours, unfolded))
+        jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5), got, want)
+    assert float(np.abs(want[0]["b"]).max()) > 0.1 and float(np.abs(want[0]["scale"])) > 0.1  # non-trivial
+
+
 @pytest.mark.parametrize("gating", [True, False])
 def test_attention_matches_openfold_with_masks_and_pair_bias(gating):
     rng = np.random.default_rng(1)
