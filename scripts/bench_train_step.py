@@ -218,8 +218,9 @@ STACKS = ("evoformer", "extra_msa_stack", "template_pair_stack")
 
 def profile_step(compiled, state, frozen, batch, folder: str, top: int = 25) -> list:
     """One step under `jax.profiler.trace` (written to `folder`, opens in Perfetto/TensorBoard);
-    XLA op time summed by (stack, module, forward | backward incl. recompute) and by op, each
-    row [what, ms, share]. Ops are named from the HLO's op_name metadata."""
+    XLA op time summed by (stack, module, forward | remat | backward) and by op, each
+    row [what, ms, share]. Ops are named from the HLO's op_name metadata; the backward's
+    recompute of a remat'ed block (`rematted_computation`) is its own phase, 'remat'."""
     import gzip
     from collections import Counter
 
@@ -237,7 +238,7 @@ def profile_step(compiled, state, frozen, batch, folder: str, top: int = 25) -> 
         name = op_names.get(op, "")
         stack = next((s for s in STACKS if f"/{s}" in name), "other")
         module = next((m for m in MODULES if f"/{m}/" in name), "-")
-        phase = "bwd" if "transpose(" in name else "fwd"
+        phase = "remat" if "rematted_computation" in name else "bwd" if "transpose(" in name else "fwd"
         by_part[f"{stack} {module} {phase}"] += e["dur"]
         by_op[f"{op} ({'/'.join(name.split('/')[-2:])})"] += e["dur"]
     rows = lambda c: [[k, round(v / 1e3, 1), round(v / total, 3)] for k, v in c.most_common(top)]
