@@ -58,39 +58,45 @@ class Linear(nn.Module):
         # x: [*, in] -> [*, features] (out_axis=-3: x [*, A, B, in] -> [*, features, A, B])
         kernel, bias = _linear_params(self, x.shape[-1])
         x = x.astype(self.dtype)
-        if not self.has_variable("lora", "a"):
+        lora = self.has_variable("lora", "a")
+        # LoRA dropout on the adapter's input, active only when a 'dropout' RNG is given
+        lora_dropout = lora and self.has_variable("lora", "dropout") and self.has_rng("dropout")
+        if lora and not lora_dropout:
+            adapter = {k: self.get_variable("lora", k) for k in ("a", "b", "scale")}
+            y = jnp.moveaxis(lora_dense(x, kernel, adapter), -1, self.out_axis)  # [*, features] at out_axis
+        else:
             y = dense(x, kernel.astype(self.dtype), self.out_axis)
-        elif self.has_variable("lora", "dropout") and self.has_rng("dropout"):
-            # LoRA dropout on the adapter's input, active only when a 'dropout' RNG is given
+        if lora_dropout:
             a, b = (self.get_variable("lora", k).astype(self.dtype) for k in ("a", "b"))
             rate = self.get_variable("lora", "dropout")
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
             x_lora = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
-            y = dense(x, kernel.astype(self.dtype), self.out_axis)
             y = y + self.get_variable("lora", "scale").astype(self.dtype) * dense(x_lora @ a, b, self.out_axis)
-        else:
-            adapter = {k: self.get_variable("lora", k) for k in ("a", "b", "scale")}
-            y = jnp.moveaxis(lora_dense(x, kernel, adapter), -1, self.out_axis)  # [*, features] at out_axis
         if bias is not None:
             bias = bias.astype(self.dtype)
             y = y + bias.reshape(bias.shape + (1,) * (-1 - self.out_axis))
         return y
 
 
+def _folded_kernel(kernel: Array, adapter: dict[str, Array], dtype: jnp.dtype) -> Array:
+    """kernel + scale * a @ b (`lora.delta`, in float32), cast to the matmul's dtype: [in, out]."""
+    return (kernel + delta(adapter)).astype(dtype)
+
+
 @jax.custom_vjp
 def lora_dense(x: Array, kernel: Array, adapter: dict[str, Array]) -> Array:
     """x [*, in] @ (kernel + scale * a @ b) -> [*, out]: a Linear with its LoRA adapter
-    `{a: [in, r], b: [r, out], scale: []}` folded into the kernel (`lora.delta`, in float32; the
-    matmul in x's dtype). Equal to x @ kernel + scale * (x @ a) @ b up to rounding, and exactly
-    x @ kernel while b is zero; one matmul instead of three."""
-    return jnp.matmul(x, (kernel + delta(adapter)).astype(x.dtype))
+    `{a: [in, r], b: [r, out], scale: []}` folded into the kernel (`_folded_kernel`; the matmul in
+    x's dtype). Equal to x @ kernel + scale * (x @ a) @ b up to rounding, and exactly x @ kernel
+    while b is zero; one matmul instead of three."""
+    return jnp.matmul(x, _folded_kernel(kernel, adapter, x.dtype))
 
 
 def _lora_dense_fwd(x, kernel, adapter) -> tuple[Array, tuple]:
     # `x`, `kernel`, `adapter`: CustomVJPPrimal (symbolic_zeros); as in `dense`, a trailing () in
     # the residuals asks the backward for the (frozen, usually) kernel's gradient
     adapter = {k: p.value for k, p in adapter.items()}
-    x, w = x.value, (kernel.value + delta(adapter)).astype(x.value.dtype)  # [*, in], [in, out]
+    x, w = x.value, _folded_kernel(kernel.value, adapter, x.value.dtype)  # [*, in], [in, out]
     res = (x, w, adapter["a"], adapter["b"], adapter["scale"]) + (((),) if kernel.perturbed else ())
     return jnp.matmul(x, w), res
 
@@ -99,17 +105,17 @@ def _lora_dense_bwd(res: tuple, dy: Array) -> tuple[Array, Optional[Array], dict
     """Autodiff's gradients of x @ kernel + scale * (x @ a) @ b, with the adapter's as [r, P] @ [P, *]
     matmuls over the P positions: autodiff contracts P on the major axis of both operands, which
     XLA:CPU runs in its own emitter at ~10 GFLOP/s (0.8 ms where this takes 0.2, N=64)."""
-    x, w, a, b, scale, *trained = res  # [*, in], [in, out] (merged), [in, r], [r, out], []
+    x, w, a, b, scale, *trained = res  # [*, in], [in, out] (folded), [in, r], [r, out], []
     f32 = jnp.float32
     xf, dyf = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # [P, in], [P, out]
     u = jnp.matmul(xf, a.astype(x.dtype))  # [P, r]
     du = jax.lax.dot_general(dyf, b.astype(dy.dtype), (((1,), (1,)), ((), ())))  # [P, r]
-    grads = {"a": scale * jnp.matmul(du.T, xf, preferred_element_type=f32).T,  # [in, r]
-             "b": scale * jnp.matmul(u.T, dyf, preferred_element_type=f32),  # [r, out]
-             "scale": jnp.sum(du.astype(f32) * u.astype(f32))}
+    da = scale * jnp.matmul(du.T, xf, preferred_element_type=f32).T  # [in, r]
+    db = scale * jnp.matmul(u.T, dyf, preferred_element_type=f32)  # [r, out]
+    dscale = jnp.sum(du.astype(f32) * u.astype(f32))  # []
     dkernel = jnp.matmul(xf.T, dyf, preferred_element_type=f32) if trained else None  # [in, out]
     dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))  # [*, in]
-    return dx, dkernel, {k: g.astype(p.dtype) for (k, g), p in zip(grads.items(), (a, b, scale))}
+    return dx, dkernel, {"a": da.astype(a.dtype), "b": db.astype(b.dtype), "scale": dscale.astype(scale.dtype)}
 
 
 lora_dense.defvjp(_lora_dense_fwd, _lora_dense_bwd, symbolic_zeros=True)
