@@ -7,6 +7,7 @@ Param names follow OpenFold's state dict: Linear -> `kernel` [in, out] (`weight`
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -193,11 +194,53 @@ class LayerNorm(nn.Module):
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-        return y.astype(x.dtype)
+        return layer_norm(x, scale, bias, self.eps)
+
+
+def _normalize(x: Array, eps: float) -> tuple[Array, Array]:
+    """x standardised over its last axis in float32, and 1 / std: [*, C], [*, 1]."""
+    xf = x.astype(jnp.float32)  # [*, C]
+    mean = jnp.mean(xf, axis=-1, keepdims=True)  # [*, 1]
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + eps)  # [*, 1]
+    return (xf - mean) * rstd, rstd
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+    """x [*, C] standardised over C in float32, times `scale` plus `bias` (float32 [C]), in x's
+    dtype; with its closed-form backward (`_layer_norm_bwd`)."""
+    x_hat, _ = _normalize(x, eps)  # [*, C]
+    return (x_hat * scale + bias).astype(x.dtype)
+
+
+def _layer_norm_fwd(x, scale, bias, eps) -> tuple[Array, tuple]:
+    # `x`, `scale`, `bias`: CustomVJPPrimal (symbolic_zeros). In the residuals () marks a trained
+    # scale / bias and None a frozen one (no sum over positions for it); a 0-d zero carries x's dtype
+    x_hat, rstd = _normalize(x.value, eps)  # [*, C], [*, 1]
+    trained = tuple(() if p.perturbed else None for p in (scale, bias))
+    res = (x_hat, rstd, scale.value, jnp.zeros((), x.value.dtype), trained)
+    return (x_hat * scale.value + bias.value).astype(x.value.dtype), res
+
+
+def _layer_norm_bwd(eps: float, res: tuple, dy: Array) -> tuple[Array, Optional[Array], Optional[Array]]:
+    """dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) with g = dy * scale, its two means over
+    the channels as matmuls with a [C, 1] column of 1 / C (full float32 precision). Autodiff's
+    backward puts both channel reductions in one fusion with the matmul that produces dy, which
+    XLA:CPU runs at a third of the matmul's rate (1.7 ms where the matmuls take 0.9, [64, 64, 128]
+    pair); 48-block LoRA step at N=64: 3 % faster."""
+    x_hat, rstd, scale, zero, (scale_trained, bias_trained) = res  # [*, C], [*, 1], [C], [], _
+    dy = dy.astype(jnp.float32)  # [*, C]
+    col = jnp.full((dy.shape[-1], 1), 1.0 / dy.shape[-1], jnp.float32)  # [C, 1]
+    mean = lambda t: jnp.matmul(t, col, precision=jax.lax.Precision.HIGHEST)  # [*, C] -> [*, 1]
+    g = dy * scale  # [*, C]
+    dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))  # [*, C]
+    positions = tuple(range(dy.ndim - 1))
+    dscale = None if scale_trained is None else jnp.sum(dy * x_hat, axis=positions)  # [C]
+    dbias = None if bias_trained is None else jnp.sum(dy, axis=positions)  # [C]
+    return dx.astype(zero.dtype), dscale, dbias
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd, symbolic_zeros=True)
 
 
 def runtime_chunk_size(module: nn.Module, chunk_size: Optional[int]) -> Optional[int]:
