@@ -28,7 +28,7 @@ def test_layernorm_gradients_match_openfolds_autograd():
     """LayerNorm's gradients for x, scale and bias (its own backward, `layer_norm`) are torch
     autograd's of OpenFold's LayerNorm (a bf16 x: its gradient in bf16, within bf16's rounding);
     with scale and bias frozen (not differentiated, as in a LoRA step), x's gradient is the same,
-    also under jit and vmap."""
+    also under jit and vmap; with x not differentiated (a head on a frozen trunk), so are theirs."""
     rng = np.random.default_rng(1)
     x = (3 * rng.normal(size=(3, 5, 7)) + 1).astype(np.float32)
     ct = rng.normal(size=x.shape).astype(np.float32)
@@ -45,6 +45,8 @@ def test_layernorm_gradients_match_openfolds_autograd():
         assert_parity(f"LayerNorm dx ({jnp.dtype(dtype).name})", gx.astype(jnp.float32), want["x"], rtol)
         assert_parity(f"LayerNorm dscale ({jnp.dtype(dtype).name})", gp["scale"], want["scale"], rtol)
         assert_parity(f"LayerNorm dbias ({jnp.dtype(dtype).name})", gp["bias"], want["bias"], rtol)
+        gp_only = jax.grad(loss)(params, jnp.asarray(x, dtype))
+        assert_parity(f"LayerNorm dscale, x frozen ({jnp.dtype(dtype).name})", gp_only["scale"], want["scale"], rtol)
         one = lambda x_i, ct_i: jnp.sum(LayerNorm().apply({"params": params}, x_i).astype(jnp.float32) * ct_i)
         gx_frozen = jax.jit(jax.vmap(jax.grad(one)))(jnp.asarray(x, dtype), ct)  # per leading index
         assert_parity(f"LayerNorm dx, frozen ({jnp.dtype(dtype).name})", gx_frozen.astype(jnp.float32), want["x"], rtol)
