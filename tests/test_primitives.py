@@ -47,6 +47,7 @@ def test_layernorm_gradients_match_openfolds_autograd():
         assert_parity(f"LayerNorm dbias ({jnp.dtype(dtype).name})", gp["bias"], want["bias"], rtol)
         gp_only = jax.grad(loss)(params, jnp.asarray(x, dtype))
         assert_parity(f"LayerNorm dscale, x frozen ({jnp.dtype(dtype).name})", gp_only["scale"], want["scale"], rtol)
+        assert_parity(f"LayerNorm dbias, x frozen ({jnp.dtype(dtype).name})", gp_only["bias"], want["bias"], rtol)
         one = lambda x_i, ct_i: jnp.sum(LayerNorm().apply({"params": params}, x_i).astype(jnp.float32) * ct_i)
         gx_frozen = jax.jit(jax.vmap(jax.grad(one)))(jnp.asarray(x, dtype), ct)  # per leading index
         assert_parity(f"LayerNorm dx, frozen ({jnp.dtype(dtype).name})", gx_frozen.astype(jnp.float32), want["x"], rtol)

@@ -223,7 +223,7 @@ def _layer_norm_fwd(x, scale, bias, eps) -> tuple[Array, tuple]:
     return (x_hat * scale.value + bias.value).astype(x.value.dtype), res
 
 
-def _layer_norm_bwd(eps: float, res: tuple, dy: Array) -> tuple[Array, Optional[Array], Optional[Array]]:
+def _layer_norm_bwd(eps: float, res: tuple, dy: Array) -> tuple[Optional[Array], Optional[Array], Optional[Array]]:
     """dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) with g = dy * scale, its two means over
     the channels as matmuls with a [C, 1] column of 1 / C (full float32 precision). Autodiff's
     backward puts both channel reductions in one fusion with the matmul that produces dy, which
