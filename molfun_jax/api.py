@@ -213,24 +213,24 @@ class MolfunStructureModel:
         return state, trainer["history"], TargetNorm(**trainer["norm"])
 
     # --- inference --------------------------------------------------------------------------
-    def _predictor(self) -> tuple[Callable, Any, Any, Any]:
-        """(jitted predict step, trainable, frozen, mesh) for the current variables."""
+    def _predictor(self) -> tuple[AffinityModel, Callable, Any, Any]:
+        """(model, its jitted predict step, trainable, frozen) for the current variables."""
         plan = self.strategy.plan(self.variables, self.head_config.source)
         trainable, frozen = plan.split(self.variables)
+        model = AffinityModel(with_dtype(self.config, self.compute_dtype), self.head_config)
         key = tuple(sorted(plan.rules.items()))
         if key not in self._predictors:
-            model = AffinityModel(with_dtype(self.config, self.compute_dtype), self.head_config)
             self._predictors[key] = make_predict_step(model, plan, self._mesh)
-        return self._predictors[key], trainable, frozen, self._mesh
+        return model, self._predictors[key], trainable, frozen
 
     def predict(self, examples: Sequence[Example], batch_size: int = 2) -> np.ndarray:
         """Predicted affinities (original units) of `examples`, in order."""
         if not examples:
             return np.zeros((0,), np.float64)
         check_finite_examples(examples)
-        step, trainable, frozen, mesh = self._predictor()
-        exs = [e if "target" in e else {**e, "target": np.float32(0.0)} for e in examples]
-        p, _ = predict_all(step, trainable, frozen, exs, batch_size, mesh)
+        model, step, trainable, frozen = self._predictor()
+        exs = [{"target": np.float32(0.0), **model.inputs(e)} for e in examples]
+        p, _ = predict_all(step, trainable, frozen, exs, batch_size, self._mesh)
         return np.asarray(self.norm.denormalize(p), np.float64)
 
     def evaluate(self, examples: Sequence[Example], batch_size: int = 2) -> dict[str, Any]:

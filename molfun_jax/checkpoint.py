@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 
 from molfun_jax.atomic import write_json_atomic
 from molfun_jax.training.distributed import held_whole, is_primary, sync
+from molfun_jax.training.memory import align_host_arrays
 
 FORMAT = "molfun_jax.checkpoint/1"
 EXPORT_FORMAT = "molfun_jax.export/1"
@@ -85,12 +86,14 @@ def read_json(path: Path) -> Any:
 
 
 def read_arrays(folder: Path) -> Any:
-    """An orbax array tree (`params/`, `head/` of an export or a weights folder) as written."""
+    """An orbax array tree (`params/`, `head/` of an export or a weights folder) as written, its
+    numpy arrays aligned so that a CPU device uses them in place (`align_host_arrays`)."""
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            return ckptr.restore(Path(folder).absolute())
+            tree = ckptr.restore(Path(folder).absolute())
         except Exception as e:  # orbax / tensorstore raise many types for a damaged folder
             raise CheckpointError(f"{folder}: cannot restore (damaged?): {_one_line(e)}") from None
+    return align_host_arrays(tree) if isinstance(tree, dict) else tree
 
 
 def write_manifest(folder: str | Path) -> Path:

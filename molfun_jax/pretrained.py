@@ -31,6 +31,7 @@ from molfun_jax.checkpoint import CheckpointError
 from molfun_jax.config import config_from_dict, config_to_dict, model_config
 from molfun_jax.model import AlphaFold, dummy_features, param_shapes
 from molfun_jax.openfold_weights import check_tree, load_torch_checkpoint, torch_to_flax, unwrap
+from molfun_jax.training.memory import release_host_memory
 from molfun_jax.training.step import with_dtype
 
 FORMAT = "molfun_jax.pretrained/1"
@@ -149,6 +150,7 @@ def load_base_weights(weights: Optional[str | Path], config: mlc.ConfigDict, pre
                 shutil.rmtree(tmp, ignore_errors=True)
                 convert_file(w, tmp, preset)
                 tmp.rename(folder)
+                release_host_memory()  # the state dict and its conversion, freed: not held through training
             params, _ = load_pretrained(folder, config)
             meta = {"kind": "pt", "path": str(w), "sha256": sha, "converted": str(folder)}
         else:

@@ -162,9 +162,9 @@ def test_batches_and_step_count():
 
 
 def test_fit_releases_host_memory_once_per_compiled_batch_shape(monkeypatch):
-    """The compiler's freed heap goes back to the OS after each new compile of the train step:
-    two length buckets over two epochs (2 steps an epoch) compile twice. The steps reuse their
-    buffers from the first compile to the end of training."""
+    """The compiler's freed heap goes back to the OS after each new compile of the train step,
+    before that step runs: two length buckets over two epochs (2 steps an epoch) compile twice.
+    The steps reuse their buffers from the first compile to the end of training."""
     fit_module = importlib.import_module("molfun_jax.training.fit")  # the package's `fit` is the function
     calls = []
 
@@ -182,5 +182,29 @@ def test_fit_releases_host_memory_once_per_compiled_batch_shape(monkeypatch):
     strategy = HeadOnly(amp=False)
     fit(cfg, strategy, start(strategy), exs, epochs=2, batch_size=2, cache=False, progress=False, on_step=on_step)
     assert calls.count("release") == 2
-    assert calls[:3] == ["reuse", "release", "step"] and calls[-1] == "end" and calls.count("reuse") == 1
+    assert calls[:3] == ["release", "reuse", "step"] and calls[-1] == "end" and calls.count("reuse") == 1
     assert calls.count("step") == 4
+
+
+def test_batches_hold_only_what_the_model_reads(monkeypatch):
+    """Ligand features the pocket head does not read (two ligand atom buckets) neither split the
+    length bucket nor compile the step again: 4 examples, batch 4 -> one bucket, 1 step an
+    epoch, one compile. The ligand head reads them: two buckets of 2, 2 steps, two compiles."""
+    from molfun_jax.feature_schema import FEATURE_SCHEMA, N_ATOM
+    from molfun_jax.heads import LIGAND_HEAD_INPUT_KEYS, LigandHeadConfig
+
+    fit_module = importlib.import_module("molfun_jax.training.fit")
+    compiles = []
+    monkeypatch.setattr(fit_module, "release_host_memory", lambda: compiles.append(1) or True)
+    cfg = tiny_config()
+    exs = [{**synthetic_example(cfg, 8, i), **FEATURE_SCHEMA.zeros(LIGAND_HEAD_INPUT_KEYS, {"N_res": 8, N_ATOM: atoms})}
+           for i, atoms in enumerate((16, 32, 16, 32))]
+    for head, steps, compiled in ((HeadConfig(), 1, 1), (LigandHeadConfig(c_atom=8), 2, 2)):
+        compiles.clear()
+        strategy = HeadOnly(amp=False, accumulation_steps=1)
+        model = AffinityModel(cfg, head)
+        variables = model.init_variables(random_trunk(), strategy, jax.random.PRNGKey(0))
+        res = fit(cfg, strategy, variables, exs, head_config=head, epochs=1, batch_size=4, cache=False, progress=False)
+        assert res.history[-1]["step"] == steps and len(compiles) == compiled, head.kind
+        kept = model.inputs(exs[0])
+        assert ("ligand_atom_feat" in kept) == (head.kind == "ligand") and "target" in kept

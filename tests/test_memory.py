@@ -163,3 +163,40 @@ def test_the_cli_dispatches_cpu_computations_synchronously():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ASYNC False" in proc.stdout
+
+
+def test_weights_read_from_disk_are_shared_with_the_cpu_device_not_copied(tmp_path):
+    """Arrays restored by orbax come back 64-byte aligned with their values, so `replicate` on a
+    CPU device uses their memory (the device buffer's address is the array's) instead of holding
+    a second copy of the weights; a misaligned array is copied to an aligned one, equal values."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from molfun_jax.checkpoint import read_arrays
+    from molfun_jax.training import data_mesh, replicate
+    from molfun_jax.training.memory import align_host_arrays
+
+    rng = np.random.default_rng(0)
+    raw = np.zeros(4096 + 64, np.uint8)
+    start = (16 - raw.ctypes.data) % 64  # 16-byte but not 64-byte aligned
+    misaligned = raw[start:start + 4096].view(np.float32).reshape(32, 32)
+    misaligned[...] = rng.standard_normal((32, 32))
+    tree = {"a": {"kernel": misaligned, "bias": rng.standard_normal(7).astype(np.float32)},
+            "b": rng.integers(0, 9, (3, 5)).astype(np.int32),
+            "c": {f"w{i}": rng.standard_normal((5, i + 1)).astype(np.float32) for i in range(8)}}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "params", tree)
+    want = {"kernel": misaligned.copy(), "b": tree["b"].copy()}
+    assert align_host_arrays(tree) is tree and tree["a"]["kernel"].ctypes.data % 64 == 0
+    np.testing.assert_array_equal(tree["a"]["kernel"], want["kernel"])
+
+    got = read_arrays(tmp_path / "params")
+    leaves = jax.tree_util.tree_leaves(got)  # orbax's own: about 1 in 4 aligned, by chance
+    assert len(leaves) == 11 and all(x.ctypes.data % 64 == 0 for x in leaves)
+    np.testing.assert_array_equal(got["a"]["kernel"], want["kernel"])
+    np.testing.assert_array_equal(got["b"], want["b"])
+    assert got["b"].dtype == np.int32
+    mesh = data_mesh()
+    if mesh.size == 1 and jax.default_backend() == "cpu":  # several devices hold a copy each
+        on_device = replicate(got, mesh)
+        assert on_device["a"]["kernel"].unsafe_buffer_pointer() == got["a"]["kernel"].ctypes.data

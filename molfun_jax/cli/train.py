@@ -456,12 +456,13 @@ def build_model(a: argparse.Namespace, data_info: Mapping[str, Any]) -> Any:
 def cache_line(model: Any, examples: Sequence[Example]) -> tuple[str, int]:
     """The head-only cache's memory ('' when the trunk trains, so nothing is cached) and the
     mean bytes per entry."""
-    from molfun_jax.training import cache_entry_bytes
+    from molfun_jax.training import AffinityModel, cache_entry_bytes
 
     plan = model.strategy.plan(model.variables, model.head_config.source)
     if set(plan.learning_rates) != {"head"} or not examples:
         return "", 0
-    per = [cache_entry_bytes(e, model.config.model.evoformer_stack.c_s) for e in examples]
+    inputs = AffinityModel(model.config, model.head_config).inputs  # what the cache keeps of an example
+    per = [cache_entry_bytes(inputs(e), model.config.model.evoformer_stack.c_s) for e in examples]
     mean = int(round(sum(per) / len(per)))
     return (f"Head-only cache: trunk outputs computed once per entry (single representation + the head's inputs; "
             f"no pair representation): {mean / 2**10:,.0f} KiB per entry, {sum(per) / 2**20:,.1f} MiB for "

@@ -93,8 +93,10 @@ def target_norm(examples: Sequence[Example], normalize: bool = True) -> TargetNo
     return TargetNorm.fit([float(np.asarray(e["target"])) for e in examples]) if normalize else TargetNorm()
 
 
-def _normalized(examples: Sequence[Example], norm: TargetNorm) -> list[dict]:
-    return [{**e, "target": np.float32(norm.normalize(float(np.asarray(e["target"]))))} for e in examples]
+def _normalized(model: AffinityModel, examples: Sequence[Example], norm: TargetNorm) -> list[dict]:
+    """`examples` as `model` reads them (`AffinityModel.inputs`), targets normalised."""
+    return [{**model.inputs(e), "target": np.float32(norm.normalize(float(np.asarray(e["target"]))))}
+            for e in examples]
 
 
 def predict_all(predict_step: Callable, trainable: Any, frozen: Any, examples: Sequence[Example],
@@ -185,9 +187,11 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
     after each epoch (e.g. checkpointing; 1-based epoch), `on_step(step, {'loss', 'lr',
     'grad_norm'})` after each optimizer step (e.g. a tracker; `lr` of the primary label). To
     resume, pass the restored `state` and the `history` so far: training continues at epoch
-    len(history) + 1. After each compile of the train step (a new batch shape) the heap the
-    compiler freed goes back to the OS (`release_host_memory`); from the first compile to the end
-    of training the steps' freed buffers stay mapped for the next step (`reusing_host_buffers`).
+    len(history) + 1. Batches hold only what the model reads (`AffinityModel.inputs`). The
+    train step is compiled for each new batch shape before that shape's first step, and the heap
+    the compiler freed goes back to the OS (`release_host_memory`) before the step runs; from the
+    first compile to the end of training the steps' freed buffers stay mapped for the next step
+    (`reusing_host_buffers`).
 
     A step whose loss or gradient norm is not finite is skipped (no update; counted in the row's
     `skipped_steps`); `max_skipped_steps` in a row stop the run with SkippedStepsError.
@@ -200,7 +204,7 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
     model = AffinityModel(with_dtype(model_config, strategy.compute_dtype), head_config, trunk_dropout)
     plan = strategy.plan(variables, head_source=head_config.source)
     norm = norm if norm is not None else target_norm(train, normalize_targets)
-    train_n, val_n = _normalized(train, norm), _normalized(val or [], norm)
+    train_n, val_n = _normalized(model, train, norm), _normalized(model, val or [], norm)
     k = strategy.accumulation_steps
     total_steps = epochs * count_steps(train_n, batch_size, k)
     tx = plan.optimizer(total_steps)
@@ -228,7 +232,7 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
         waited = history[-1]["epoch"] - best_epoch
     patience = strategy.early_stopping_patience
     skips = SkipCounter(max_skipped_steps)
-    compiled: set[tuple] = set()  # batch shapes the train step has compiled for
+    compiled: dict[tuple, Callable] = {}  # the train step compiled for each batch shape
     with StepProgress(progress) as bar, contextlib.ExitStack() as host:
         for epoch in range(len(history) + 1, epochs + 1):
             if patience and waited >= patience:
@@ -238,13 +242,13 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
             bar.start(f"epoch {epoch}/{epochs}", len(groups))
             loss_sum, weight_sum, skipped = 0.0, 0.0, 0
             for g in groups:
-                state, m = train_step(state, frozen, shard_batch(g, mesh, 1))
-                shapes = tuple(v.shape for v in g.values())
-                if shapes not in compiled:  # that step compiled: release the compiler's freed heap
-                    if not compiled:  # after the first compile: the compiler's large blocks stay unmapped
-                        host.enter_context(reusing_host_buffers())
-                    compiled.add(shapes)
+                batch, shapes = shard_batch(g, mesh, 1), tuple(v.shape for v in g.values())
+                if shapes not in compiled:  # compiled before it runs, so the step never holds the compiler's heap
+                    compiled[shapes] = train_step.lower(state, frozen, batch).compile()
                     release_host_memory()
+                    if len(compiled) == 1:  # from here the steps' buffers stay mapped
+                        host.enter_context(reusing_host_buffers())
+                state, m = compiled[shapes](state, frozen, batch)
                 bad = bool(m["skipped"])
                 skipped += bad
                 skips.update(bad, epoch, int(state["step"]))

@@ -31,8 +31,9 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from molfun_jax.config import resolve_remat_policy
+from molfun_jax.feature_schema import FEATURE_SCHEMA
 from molfun_jax.heads.affinity import HeadConfig, affinity_loss
-from molfun_jax.heads.registry import ALL_HEAD_INPUT_KEYS, dummy_head_inputs, head_inputs, make_head
+from molfun_jax.heads.registry import ALL_HEAD_INPUT_KEYS, dummy_head_inputs, head_inputs, head_kind, make_head
 from molfun_jax.lora import init_lora
 from molfun_jax.model import AlphaFold
 from molfun_jax.training.distributed import DATA_AXIS
@@ -74,6 +75,20 @@ class AffinityModel:
     @property
     def head(self) -> Any:
         return make_head(self.head_config)
+
+    @property
+    def input_keys(self) -> tuple[str, ...]:
+        """The example keys the model reads: the trunk's features, a cached trunk output, and
+        the head's own inputs."""
+        return tuple(dict.fromkeys(FEATURE_SCHEMA.model_inputs + HEAD_INPUT_KEYS[:3]
+                                   + head_kind(self.head_config).input_keys))
+
+    def inputs(self, example: Mapping[str, Any]) -> dict[str, Any]:
+        """`example` without the keys the model does not read (labels kept). A batch then holds
+        nothing else: a feature the model ignores (the ligand's atom count under the pocket
+        head) neither splits a length bucket nor compiles the step once more."""
+        keep = set(self.input_keys + LABEL_KEYS)
+        return {k: v for k, v in example.items() if k in keep}
 
     def init_variables(self, trunk_params: Mapping[str, Any], strategy: Strategy, rng: Array) -> dict:
         """Variables around pretrained trunk params: a fresh head and, for LoRA, fresh adapters."""
