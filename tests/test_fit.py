@@ -186,25 +186,58 @@ def test_fit_releases_host_memory_once_per_compiled_batch_shape(monkeypatch):
     assert calls.count("step") == 4
 
 
-def test_batches_hold_only_what_the_model_reads(monkeypatch):
-    """Ligand features the pocket head does not read (two ligand atom buckets) neither split the
-    length bucket nor compile the step again: 4 examples, batch 4 -> one bucket, 1 step an
-    epoch, one compile. The ligand head reads them: two buckets of 2, 2 steps, two compiles."""
+def _with_ligand(ex: dict, n_res: int, atoms: int, seed: int) -> dict:
+    """`ex` with random ligand features of `atoms` atoms (every schema key of the ligand head)."""
     from molfun_jax.feature_schema import FEATURE_SCHEMA, N_ATOM
-    from molfun_jax.heads import LIGAND_HEAD_INPUT_KEYS, LigandHeadConfig
+    from molfun_jax.heads import LIGAND_HEAD_INPUT_KEYS
+
+    r = np.random.default_rng(seed)
+    lig = FEATURE_SCHEMA.zeros(LIGAND_HEAD_INPUT_KEYS, {"N_res": n_res, N_ATOM: atoms})
+    return {**ex, **{k: r.standard_normal(v.shape).astype(v.dtype) for k, v in lig.items()}}
+
+
+def test_ligand_atom_buckets_batch_together_padded_with_zeros():
+    """With `merged_dims=(N_atom,)` examples of 16 and 32 ligand atoms share a batch: the
+    16-atom one's ligand features padded with zeros (both atom axes of the bond features), its
+    other features as they were; without, they are two buckets."""
+    from molfun_jax.feature_schema import N_ATOM
+
+    cfg = tiny_config()
+    exs = [_with_ligand(synthetic_example(cfg, 8, i), 8, atoms, i) for i, atoms in enumerate((16, 32, 16))]
+    assert len(make_batches(exs, 4)) == 2 == count_steps(exs, 4, 1)
+    (batch,) = make_batches(exs, 4, merged_dims=(N_ATOM,))
+    assert count_steps(exs, 4, 1, (N_ATOM,)) == 1
+    np.testing.assert_array_equal(batch["weight"], [[1, 1, 1, 0]])
+    small = exs[0]
+    bond = batch["ligand_bond_feat"][0, 0]
+    assert bond.shape[:2] == (32, 32)
+    np.testing.assert_array_equal(bond[:16, :16], small["ligand_bond_feat"])
+    assert not bond[16:].any() and not bond[:, 16:].any()
+    np.testing.assert_array_equal(batch["ligand_mask"][0, 0], np.r_[small["ligand_mask"], np.zeros(16)])
+    np.testing.assert_array_equal(batch["ligand_atom_feat"][0, 1], exs[1]["ligand_atom_feat"])
+    np.testing.assert_array_equal(batch["aatype"][0, 0], small["aatype"])
+
+
+def test_batches_hold_only_what_the_model_reads(monkeypatch):
+    """Ligand features of two atom buckets (16, 32) and 4 examples, batch 4. Where the trunk runs,
+    one bucket, 1 step an epoch, one compile: the pocket head does not read them (they are left
+    out), the ligand head reads them padded to 32 atoms. On cached trunk outputs (head-only) the
+    ligand head's atom buckets stay apart: 2 steps, two compiles."""
+    from molfun_jax.heads import LigandHeadConfig
 
     fit_module = importlib.import_module("molfun_jax.training.fit")
     compiles = []
     monkeypatch.setattr(fit_module, "release_host_memory", lambda: compiles.append(1) or True)
     cfg = tiny_config()
-    exs = [{**synthetic_example(cfg, 8, i), **FEATURE_SCHEMA.zeros(LIGAND_HEAD_INPUT_KEYS, {"N_res": 8, N_ATOM: atoms})}
-           for i, atoms in enumerate((16, 32, 16, 32))]
-    for head, steps, compiled in ((HeadConfig(), 1, 1), (LigandHeadConfig(c_atom=8), 2, 2)):
+    exs = [_with_ligand(synthetic_example(cfg, 8, i), 8, atoms, i) for i, atoms in enumerate((16, 32, 16, 32))]
+    for head, cache, steps in ((HeadConfig(), False, 1), (LigandHeadConfig(c_atom=8), False, 1),
+                               (LigandHeadConfig(c_atom=8), True, 2)):
         compiles.clear()
         strategy = HeadOnly(amp=False, accumulation_steps=1)
         model = AffinityModel(cfg, head)
         variables = model.init_variables(random_trunk(), strategy, jax.random.PRNGKey(0))
-        res = fit(cfg, strategy, variables, exs, head_config=head, epochs=1, batch_size=4, cache=False, progress=False)
-        assert res.history[-1]["step"] == steps and len(compiles) == compiled, head.kind
+        res = fit(cfg, strategy, variables, exs, head_config=head, epochs=1, batch_size=4, cache=cache,
+                  progress=False)
+        assert res.history[-1]["step"] == steps and len(compiles) == steps, (head.kind, cache)
         kept = model.inputs(exs[0])
         assert ("ligand_atom_feat" in kept) == (head.kind == "ligand") and "target" in kept

@@ -65,12 +65,12 @@ def crop_features(feats: Mapping[str, np.ndarray], indices: np.ndarray,
     return out
 
 
-def pad_features(feats: Mapping[str, np.ndarray], n_res: int, n_msa: Optional[int] = None,
+def pad_features(feats: Mapping[str, np.ndarray], n_res: Optional[int], n_msa: Optional[int] = None,
                  n_extra: Optional[int] = None, n_templ: Optional[int] = None, *,
                  sizes: Optional[Mapping[str, int]] = None, schema: FeatureSchema = FEATURE_SCHEMA) -> Features:
-    """Zero-pad the residue axis to `n_res` and, when given, the MSA / extra-MSA / template
-    axes to `n_msa` / `n_extra` / `n_templ`; `sizes` gives targets of other padded dims of the
-    schema by name. Axes without a target keep their size."""
+    """Zero-pad the residue axis to `n_res` (None: as it is) and, when given, the MSA /
+    extra-MSA / template axes to `n_msa` / `n_extra` / `n_templ`; `sizes` gives targets of other
+    padded dims of the schema by name. Axes without a target keep their size."""
     want = {N_RES: n_res, N_SEQ: n_msa, N_EXTRA: n_extra, N_TEMPL: n_templ, **(sizes or {})}
     unknown = sorted(set(want) - set(schema.padded_dims))
     if unknown:

@@ -21,7 +21,8 @@ import ml_collections as mlc
 import numpy as np
 from jax.sharding import Mesh
 
-from molfun_jax.data.buckets import collate
+from molfun_jax.data.buckets import collate, pad_features
+from molfun_jax.feature_schema import FEATURE_SCHEMA, N_ATOM
 from molfun_jax.heads.affinity import HeadConfig, TargetNorm, affinity_loss
 from molfun_jax.reports import StepProgress, regression_metrics
 from molfun_jax.training.distributed import data_mesh, replicate, shard_batch, to_host
@@ -46,22 +47,55 @@ def _numeric(ex: Example) -> dict[str, np.ndarray]:
     return out
 
 
-def _signature(ex: Mapping[str, np.ndarray]) -> tuple:
-    return tuple(sorted((k, v.shape, v.dtype.str) for k, v in ex.items() if k != "target"))
+def _merged_axes(key: str, merged_dims: Sequence[str]) -> tuple[int, ...]:
+    """The axes of feature `key` along the schema dims `merged_dims` (none for a label)."""
+    spec = FEATURE_SCHEMA.features.get(key)
+    return tuple(a for a, d in enumerate(spec.shape) if d in merged_dims) if spec is not None else ()
+
+
+def _signature(ex: Mapping[str, np.ndarray], merged_dims: Sequence[str] = ()) -> tuple:
+    """An example's bucket: its keys, dtypes and shapes, less the axes of `merged_dims`."""
+    def shape(k: str, v: np.ndarray) -> tuple:
+        axes = _merged_axes(k, merged_dims)
+        return tuple(n for a, n in enumerate(v.shape) if a not in axes)
+    return tuple(sorted((k, shape(k, v), v.dtype.str) for k, v in ex.items() if k != "target"))
+
+
+def _dim_sizes(ex: Mapping[str, np.ndarray], dims: Sequence[str]) -> dict[str, int]:
+    """The sizes of the schema dims `dims` in `ex` (a dim that none of its features has left out)."""
+    out = {}
+    for k, v in ex.items():
+        spec = FEATURE_SCHEMA.features.get(k)
+        out.update({d: v.shape[spec.axis(d)] for d in dims if spec is not None and d in spec.shape})
+    return out
+
+
+def _padded(ex: dict[str, np.ndarray], sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """`ex` with its features zero-padded to `sizes` along those schema dims."""
+    names = [k for k in ex if _merged_axes(k, tuple(sizes))]
+    return {**ex, **pad_features({k: ex[k] for k in names}, None, sizes=sizes)} if names else ex
 
 
 def make_batches(examples: Sequence[Example], batch_size: int, accumulation_steps: int = 1,
-                 rng: Optional[np.random.Generator] = None) -> list[dict[str, np.ndarray]]:
+                 rng: Optional[np.random.Generator] = None,
+                 merged_dims: Sequence[str] = ()) -> list[dict[str, np.ndarray]]:
     """Accumulation groups (leaves `[k, B, ...]`, plus `weight` `[k, B]`). With `rng`, examples
-    are shuffled within their bucket and groups shuffled across buckets."""
+    are shuffled within their bucket and groups shuffled across buckets. The sizes of the schema
+    dims `merged_dims` do not split buckets: a bucket's examples are zero-padded along them to
+    the bucket's largest, as they are batched (e.g. `N_atom`, the ligand atom buckets, when the
+    trunk runs: one compile a length bucket, not one a length and atom bucket)."""
     if batch_size < 1 or accumulation_steps < 1:
         raise ValueError(f"batch_size and accumulation_steps must be >= 1, got {batch_size}, {accumulation_steps}")
     exs = [_numeric(e) for e in examples]
     buckets: dict[tuple, list[int]] = {}
     for i, e in enumerate(exs):
-        buckets.setdefault(_signature(e), []).append(i)
+        buckets.setdefault(_signature(e, merged_dims), []).append(i)
     groups = []
     for idx in buckets.values():
+        sizes: dict[str, int] = {}
+        for i in idx:
+            for d, n in _dim_sizes(exs[i], merged_dims).items():
+                sizes[d] = max(sizes.get(d, 0), n)
         idx = list(rng.permutation(idx)) if rng is not None else idx
         micro = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
         for g in range(0, len(micro), accumulation_steps):
@@ -70,7 +104,8 @@ def make_batches(examples: Sequence[Example], batch_size: int, accumulation_step
             weight = np.zeros((accumulation_steps, batch_size), np.float32)
             for j, mb in enumerate(mbs):
                 ids[j, :len(mb)], weight[j, :len(mb)] = mb, 1.0
-            batch = {k: v.reshape(ids.shape + v.shape[1:]) for k, v in collate([exs[i] for i in ids.ravel()]).items()}
+            batch = {k: v.reshape(ids.shape + v.shape[1:])
+                     for k, v in collate([_padded(exs[i], sizes) for i in ids.ravel()]).items()}
             batch["target"] = batch["target"].astype(np.float32)
             batch["weight"] = weight
             groups.append(batch)
@@ -79,11 +114,12 @@ def make_batches(examples: Sequence[Example], batch_size: int, accumulation_step
     return groups
 
 
-def count_steps(examples: Sequence[Example], batch_size: int, accumulation_steps: int) -> int:
+def count_steps(examples: Sequence[Example], batch_size: int, accumulation_steps: int,
+                merged_dims: Sequence[str] = ()) -> int:
     """Optimizer steps per epoch (= len(make_batches(...)))."""
     sizes: dict[tuple, int] = {}
     for e in examples:
-        s = _signature(_numeric(e))
+        s = _signature(_numeric(e), merged_dims)
         sizes[s] = sizes.get(s, 0) + 1
     return steps_per_epoch([math.ceil(n / batch_size) for n in sizes.values()], accumulation_steps)
 
@@ -100,11 +136,12 @@ def _normalized(model: AffinityModel, examples: Sequence[Example], norm: TargetN
 
 
 def predict_all(predict_step: Callable, trainable: Any, frozen: Any, examples: Sequence[Example],
-                batch_size: int, mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
-    """(predictions, targets) of `examples`, in their order (normalised units as given)."""
+                batch_size: int, mesh: Mesh, merged_dims: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, targets) of `examples`, in their order (normalised units as given);
+    `merged_dims` as `make_batches`."""
     exs = [{**e, "_index": np.int32(i)} for i, e in enumerate(examples)]
     preds, targets = np.zeros(len(exs)), np.zeros(len(exs))
-    for b in make_batches(exs, batch_size):
+    for b in make_batches(exs, batch_size, merged_dims=merged_dims):
         b = {k: v[0] for k, v in b.items()}
         idx, w = b.pop("_index"), b["weight"] > 0
         p = to_host(predict_step(trainable, frozen, shard_batch(b, mesh, 0)))
@@ -113,10 +150,11 @@ def predict_all(predict_step: Callable, trainable: Any, frozen: Any, examples: S
 
 
 def evaluate(predict_step: Callable, trainable: Any, frozen: Any, examples: Sequence[Example],
-             batch_size: int, mesh: Mesh, norm: TargetNorm, head_config: HeadConfig) -> dict[str, Any]:
+             batch_size: int, mesh: Mesh, norm: TargetNorm, head_config: HeadConfig,
+             merged_dims: Sequence[str] = ()) -> dict[str, Any]:
     """Loss (mean per-example loss in normalised units, as in training) and RMSE / MAE /
     Pearson r / Spearman rho on the original target scale. `examples` carry normalised targets."""
-    p, t = predict_all(predict_step, trainable, frozen, examples, batch_size, mesh)
+    p, t = predict_all(predict_step, trainable, frozen, examples, batch_size, mesh, merged_dims)
     loss = float(np.mean(np.asarray(affinity_loss(jnp.asarray(p), jnp.asarray(t), head_config.loss,
                                                   head_config.huber_delta))))
     pred, true = norm.denormalize(p), norm.denormalize(t)
@@ -132,7 +170,7 @@ def cache_trunk(model: AffinityModel, variables: Mapping[str, Any], examples: Se
     variables = replicate(variables, mesh)
     exs = [{**e, "_index": np.int32(i)} for i, e in enumerate(examples)]
     out: list[Optional[dict]] = [None] * len(exs)
-    for b in make_batches(exs, batch_size):
+    for b in make_batches(exs, batch_size, merged_dims=(N_ATOM,)):  # the trunk runs: as `fit`
         b = {k: v[0] for k, v in b.items()}
         idx, w = b.pop("_index"), b["weight"]
         s = to_host(single_step(variables, shard_batch(b, mesh, 0)))
@@ -205,11 +243,14 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
     plan = strategy.plan(variables, head_source=head_config.source)
     norm = norm if norm is not None else target_norm(train, normalize_targets)
     train_n, val_n = _normalized(model, train, norm), _normalized(model, val or [], norm)
-    k = strategy.accumulation_steps
-    total_steps = epochs * count_steps(train_n, batch_size, k)
-    tx = plan.optimizer(total_steps)
     if cache is None:
         cache = set(plan.learning_rates) == {"head"} and not trunk_dropout
+    # where the trunk runs, the ligand's atom bucket does not split batches (the head's cost at the
+    # largest one is small beside the trunk's); on cached trunk outputs the head alone runs
+    merged = () if cache else (N_ATOM,)
+    k = strategy.accumulation_steps
+    total_steps = epochs * count_steps(train_n, batch_size, k, merged)
+    tx = plan.optimizer(total_steps)
     if cache:
         train_n = cache_trunk(model, variables, train_n, batch_size, mesh)
         val_n = cache_trunk(model, variables, val_n, batch_size, mesh) if val_n else []
@@ -238,7 +279,7 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
             if patience and waited >= patience:
                 break
             t0 = time.time()
-            groups = make_batches(train_n, batch_size, k, np.random.default_rng([seed, epoch]))
+            groups = make_batches(train_n, batch_size, k, np.random.default_rng([seed, epoch]), merged)
             bar.start(f"epoch {epoch}/{epochs}", len(groups))
             loss_sum, weight_sum, skipped = 0.0, 0.0, 0
             for g in groups:
@@ -265,7 +306,8 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
                                    "train_loss": loss_sum / weight_sum if weight_sum else math.nan,
                                    "val_loss": None, "lr": float(lr_fn(step - 1)), "skipped_steps": skipped}
             if val_n:
-                ev = evaluate(predict_step, eval_params(state), frozen, val_n, batch_size, mesh, norm, head_config)
+                ev = evaluate(predict_step, eval_params(state), frozen, val_n, batch_size, mesh, norm, head_config,
+                              merged)
                 row.update(val_loss=ev["loss"], **{f"val_{m}": ev[m] for m in ("rmse", "mae", "pearson", "spearman")})
             row["epoch_time_s"] = time.time() - t0
             is_best = row[monitor] < best_loss
