@@ -140,3 +140,26 @@ def test_lora_dropout():
     dropped = np.abs(extra) < 1e-5
     assert np.all(kept | dropped)  # each input element is dropped or scaled by 1 / (1 - rate)
     assert 0.6 < kept.mean() < 0.9  # 128 elements at keep probability 0.75
+
+
+@pytest.mark.parametrize("kind", ["pocket", "ligand"])
+def test_init_variables_equals_the_eager_init(kind):
+    """`AffinityModel.init_variables` makes head and adapters in one jitted program; they equal,
+    bit for bit, Flax's eager `init` of the head and `init_lora` on the concrete trunk."""
+    from molfun_jax.heads import HeadConfig, LigandHeadConfig, dummy_head_inputs
+    from molfun_jax.training import AffinityModel, LoRA
+
+    cfg, trunk, rng = tiny_config(), random_trunk(), jax.random.PRNGKey(3)
+    head_cfg = HeadConfig() if kind == "pocket" else LigandHeadConfig(c_atom=8)
+    model = AffinityModel(cfg, head_cfg)
+    got = model.init_variables(trunk, LoRA(), rng)
+    k_head, k_lora = jax.random.split(rng)
+    c_s = cfg.model.evoformer_stack.c_s
+    want = {"head": model.head.init(k_head, jnp.zeros((1, c_s)), jnp.ones((1,)), **dummy_head_inputs(head_cfg))["params"],
+            "lora": init_lora(trunk, LoRA().lora_config(), k_lora)}
+    for part in ("head", "lora"):
+        g, w = traverse_util.flatten_dict(got[part]), traverse_util.flatten_dict(want[part])
+        assert g.keys() == w.keys() and g
+        for k in w:
+            np.testing.assert_array_equal(np.asarray(g[k]), np.asarray(w[k]), err_msg=f"{part} {k}")
+    assert got["trunk"] is trunk
