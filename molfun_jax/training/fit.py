@@ -63,11 +63,7 @@ def _signature(ex: Mapping[str, np.ndarray], merged_dims: Sequence[str] = ()) ->
 
 def _dim_sizes(ex: Mapping[str, np.ndarray], dims: Sequence[str]) -> dict[str, int]:
     """The sizes of the schema dims `dims` in `ex` (a dim that none of its features has left out)."""
-    out = {}
-    for k, v in ex.items():
-        spec = FEATURE_SCHEMA.features.get(k)
-        out.update({d: v.shape[spec.axis(d)] for d in dims if spec is not None and d in spec.shape})
-    return out
+    return {d: v.shape[a] for k, v in ex.items() for d in dims for a in _merged_axes(k, (d,))}
 
 
 def _padded(ex: dict[str, np.ndarray], sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
