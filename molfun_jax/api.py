@@ -30,14 +30,13 @@ from molfun_jax import checkpoint as ckpt
 from molfun_jax import lora as lora_lib
 from molfun_jax.config import config_from_dict, config_to_dict, model_config
 from molfun_jax.data.ligand import LigandConfig
-from molfun_jax.feature_schema import N_ATOM
 from molfun_jax.heads.affinity import HeadConfig, TargetNorm
 from molfun_jax.heads.registry import head_config_from_dict, head_kind
 from molfun_jax.pretrained import count_params, load_base_weights, rebuild_base_weights, versions
 from molfun_jax.tracking import Tracker, epoch_metrics, step_metrics
-from molfun_jax.training import (MAX_SKIPPED_STEPS, AffinityModel, HeadOnly, LoRA, Strategy, check_finite_examples,
-                                 count_steps, data_mesh, eval_params, fit, init_state, make_predict_step,
-                                 predict_all, strategy_from_dict, target_norm, with_dtype)
+from molfun_jax.training import (MAX_SKIPPED_STEPS, TRUNK_MERGED_DIMS, AffinityModel, HeadOnly, LoRA, Strategy,
+                                 check_finite_examples, count_steps, data_mesh, eval_params, fit, init_state,
+                                 make_predict_step, predict_all, strategy_from_dict, target_norm, with_dtype)
 
 Example = Mapping[str, Any]
 
@@ -231,8 +230,7 @@ class MolfunStructureModel:
         check_finite_examples(examples)
         model, step, trainable, frozen = self._predictor()
         exs = [{"target": np.float32(0.0), **model.inputs(e)} for e in examples]
-        p, _ = predict_all(step, trainable, frozen, exs, batch_size, self._mesh,
-                           merged_dims=(N_ATOM,))  # the trunk runs: ligand atom buckets batch together
+        p, _ = predict_all(step, trainable, frozen, exs, batch_size, self._mesh, TRUNK_MERGED_DIMS)
         return np.asarray(self.norm.denormalize(p), np.float64)
 
     def evaluate(self, examples: Sequence[Example], batch_size: int = 2) -> dict[str, Any]:

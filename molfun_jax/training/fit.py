@@ -47,6 +47,12 @@ def _numeric(ex: Example) -> dict[str, np.ndarray]:
     return out
 
 
+# the dims that do not split batches where the trunk runs (train, trunk cache, predict): the
+# ligand's atom bucket, since the head's cost at the largest one is small beside the trunk's; on
+# cached trunk outputs the head alone runs and its atom buckets stay apart
+TRUNK_MERGED_DIMS = (N_ATOM,)
+
+
 def _merged_axes(key: str, merged_dims: Sequence[str]) -> tuple[int, ...]:
     """The axes of feature `key` along the schema dims `merged_dims` (none for a label)."""
     spec = FEATURE_SCHEMA.features.get(key)
@@ -166,7 +172,7 @@ def cache_trunk(model: AffinityModel, variables: Mapping[str, Any], examples: Se
     variables = replicate(variables, mesh)
     exs = [{**e, "_index": np.int32(i)} for i, e in enumerate(examples)]
     out: list[Optional[dict]] = [None] * len(exs)
-    for b in make_batches(exs, batch_size, merged_dims=(N_ATOM,)):  # the trunk runs: as `fit`
+    for b in make_batches(exs, batch_size, merged_dims=TRUNK_MERGED_DIMS):
         b = {k: v[0] for k, v in b.items()}
         idx, w = b.pop("_index"), b["weight"]
         s = to_host(single_step(variables, shard_batch(b, mesh, 0)))
@@ -241,9 +247,7 @@ def fit(model_config: mlc.ConfigDict, strategy: Strategy, variables: Mapping[str
     train_n, val_n = _normalized(model, train, norm), _normalized(model, val or [], norm)
     if cache is None:
         cache = set(plan.learning_rates) == {"head"} and not trunk_dropout
-    # where the trunk runs, the ligand's atom bucket does not split batches (the head's cost at the
-    # largest one is small beside the trunk's); on cached trunk outputs the head alone runs
-    merged = () if cache else (N_ATOM,)
+    merged = () if cache else TRUNK_MERGED_DIMS
     k = strategy.accumulation_steps
     total_steps = epochs * count_steps(train_n, batch_size, k, merged)
     tx = plan.optimizer(total_steps)
