@@ -30,6 +30,11 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
 # host refaults: a step after a 20 s pause took 22-28 s instead of 12-14 s (measured in one
 # process, issue 11's closing note).
 AUTO_DOTS_MAX_N = 64
+# what every policy saves besides: the pair transition's ReLU mask, packed to bits
+# (`primitives.relu_keeping_mask`; N_res^2 * 4 * C_z / 8 bytes a block, 0.25 MiB at N=64), so
+# the backward does not recompute the transition's first matmul (a ninth of an Evoformer block's
+# forward FLOPs) only to find which entries its ReLU zeroed
+RELU_MASK = "relu_mask"
 
 
 def _base() -> mlc.ConfigDict:
@@ -162,11 +167,13 @@ def model_config(name: str, train: bool = False, low_prec: bool = False) -> mlc.
 
 def remat_policy(globals_: Any) -> Any:
     """The `jax.checkpoint_policies` function named by `globals_.remat_policy` (default: save
-    nothing; an unresolved 'auto' saves nothing too, see `resolve_remat_policy`)."""
+    nothing; an unresolved 'auto' saves nothing too, see `resolve_remat_policy`), saving the
+    values named RELU_MASK too."""
     name = globals_.get("remat_policy", "nothing_saveable")
     if name not in REMAT_POLICIES:
         raise ValueError(f"globals.remat_policy={name!r}; choose one of {REMAT_POLICIES}")
-    return getattr(jax.checkpoint_policies, "nothing_saveable" if name == "auto" else name)
+    base = getattr(jax.checkpoint_policies, "nothing_saveable" if name == "auto" else name)
+    return jax.checkpoint_policies.save_from_both_policies(base, jax.checkpoint_policies.save_only_these_names(RELU_MASK))
 
 
 def resolve_remat_policy(c: mlc.ConfigDict, n_res: int, platform: str) -> mlc.ConfigDict:

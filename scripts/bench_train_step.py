@@ -19,8 +19,9 @@ gradient under a frozen trunk). The first step's loss and gradient norm must agr
     ... --compile-cache /tmp/xla   # ours as a rerun of `train.py`: the step loaded from XLA's cache
 
 Time is the median of `--repeats` steps after one warm-up step. With `--forward`, the LoRA rows
-also print the step/forward ratio of matmul FLOPs, counted from the compiled HLO (`dot_flops`):
-the step/forward time ratio's floor if the step's backward ran at the forward's FLOP rate. Our
+also time the forward alone, alternating with `--repeats` more steps (the step/forward time
+ratio is of those), and print the step/forward ratio of matmul FLOPs, counted from the compiled
+HLO (`dot_flops`): the time ratio's floor if the step's backward ran at the forward's FLOP rate. Our
 side runs as `fit` under the CLI does: CPU computations on the calling thread, steps reusing
 their buffers' pages (`training.memory`).
 """
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -204,7 +205,8 @@ def run_ours(job: dict, folder: Path) -> dict:
         out.update(step_s=statistics.median(times[1:]), **peak_rss(setup_gib),
                    faults=(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / job["repeats"])
         if job.get("forward"):  # after the peak RSS: the HLO text and its parse are not the step's memory
-            out["forward_s"], out["forward_flops"] = time_forward(model, state, frozen, plan, ex, job["repeats"])
+            state, out["paired_step_s"], out["forward_s"], out["forward_flops"] = time_step_and_forward(
+                compiled, state, frozen, batch, model, plan, ex, job["repeats"])
             out["flops"] = dot_flops(compiled.as_text())
         if job.get("profile"):  # last: the traced step donates `state`
             out["top_ops"] = profile_step(compiled, state, frozen, batch, job["profile"])
@@ -307,21 +309,27 @@ def dot_flops(hlo_text: str) -> float:
     return flops(entry) if entry else 0.0
 
 
-def time_forward(model, state, frozen, plan, ex, repeats: int) -> tuple[float, float]:
-    """Our forward alone (trunk + head prediction of the same example), the step's yardstick:
-    (median seconds, matmul FLOPs)."""
+def time_step_and_forward(compiled, state, frozen, batch, model, plan, ex, repeats: int) -> tuple[Any, float, float, float]:
+    """The compiled step and our forward alone (trunk + head prediction of the same example, the
+    step's yardstick) run alternately, `repeats` timed times each after one of each untimed, so a
+    slow spell of a shared machine hits both (apart, the forward's median moved by 10-20 % between
+    runs of the same program): (state, step s, forward s: medians, forward matmul FLOPs)."""
     import jax
     from molfun_jax.training.step import LABEL_KEYS
     feats = {k: v for k, v in ex.items() if k not in LABEL_KEYS}
     fwd = jax.jit(lambda t, f, x: model.predict(plan.combine(t, f), x)).lower(
         state["trainable"], frozen, feats).compile()
-    fwd(state["trainable"], frozen, feats).block_until_ready()
-    times = []
-    for _ in range(repeats):
+    steps, forwards = [], []
+    for i in range(repeats + 1):
         t0 = time.perf_counter()
+        state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready(metrics)
+        t1 = time.perf_counter()
         fwd(state["trainable"], frozen, feats).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), dot_flops(fwd.as_text())
+        if i:
+            steps.append(t1 - t0)
+            forwards.append(time.perf_counter() - t1)
+    return state, statistics.median(steps), statistics.median(forwards), dot_flops(fwd.as_text())
 
 
 # --- OpenFold's side -----------------------------------------------------------------------------
@@ -440,7 +448,7 @@ def worker(side: str, job: dict, folder: Path) -> dict:
     return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]}
 
 
-MEDIAN_KEYS = ("compile_s", "step_s", "rss_gib", "steps_rss_gib", "forward_s", "faults")
+MEDIAN_KEYS = ("compile_s", "step_s", "rss_gib", "steps_rss_gib", "forward_s", "paired_step_s", "faults")
 
 
 def run_rounds(job: dict, folder: Path, sides: Sequence[str], rounds: int) -> tuple[dict, dict, list[float]]:
@@ -569,10 +577,12 @@ def main() -> None:
                             faults = f", {d['faults']:,.0f} page faults a step" if "faults" in d else ""
                             print(f"    {side}: loss {d.get('loss'):.6e} grad_norm {d.get('grad_norm'):.6e}{faults}")
                     if "forward_flops" in o:  # the step/forward ratio's floor if both ran at one FLOP rate
-                        step_rate, fwd_rate = o["flops"] / o["step_s"], o["forward_flops"] / o["forward_s"]
+                        step_s = o["paired_step_s"]  # timed alternately with the forward
+                        step_rate, fwd_rate = o["flops"] / step_s, o["forward_flops"] / o["forward_s"]
                         print(f"    ours: step {o['flops'] / 1e9:.1f} GFLOP in matmuls = "
                               f"{o['flops'] / o['forward_flops']:.2f}x the forward's {o['forward_flops'] / 1e9:.1f}; "
-                              f"step/forward {o['step_s'] / o['forward_s']:.2f}x: the step runs at "
+                              f"step/forward {step_s / o['forward_s']:.2f}x ({step_s:.2f} s / {o['forward_s']:.2f} s, "
+                              f"timed alternately): the step runs at "
                               f"{step_rate / 1e9:.1f} GFLOP/s, {100 * step_rate / fwd_rate:.0f}% of the forward's "
                               f"{fwd_rate / 1e9:.1f}")
                     for what, t_ms, share in o.get("top_ops", []):

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scripts.bench_train_step import dot_flops, time_forward  # noqa: E402
+from scripts.bench_train_step import dot_flops, time_step_and_forward  # noqa: E402
 from tests.finetune_common import random_params  # noqa: E402
 
 # dense bf16 peak FLOP/s by device kind (vendor data sheets, SXM); utilisation is left out elsewhere
@@ -101,18 +100,14 @@ def lora_step(cfg, params, feats, repeats: int) -> dict[str, float | None]:
     compiled = step.lower(state, frozen, batch).compile()
     t_compile = time.perf_counter() - t0
     flops = dot_flops(compiled.as_text())
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        state, m = compiled(state, frozen, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    step = statistics.median(times[1:])
-    peak_gib = peak_memory_gib()  # the step's: the forward below needs less
-    forward_s, forward_flops = time_forward(model, state, frozen, plan, ex, repeats)
+    state, m = compiled(state, frozen, batch)  # warm-up
+    loss = float(m["loss"])
+    peak_gib = peak_memory_gib()  # the step's: the forward timed with it below needs less
+    state, step, forward_s, forward_flops = time_step_and_forward(compiled, state, frozen, batch, model, plan, ex,
+                                                                  repeats)
     peak = peak_flops()
     return {"compile_s": t_compile, "step_s": step, "peak_gib": peak_gib, "gflop": flops / 1e9,
-            "util": flops / step / peak if peak and flops else None, "loss": float(m["loss"]),
+            "util": flops / step / peak if peak and flops else None, "loss": loss,
             "forward_s": forward_s, "flop_ratio": flops / forward_flops if forward_flops else None}
 
 

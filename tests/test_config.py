@@ -1,7 +1,7 @@
 """Our presets equal OpenFold's model configs; tiny is derived from the same code."""
 import pytest
 
-from molfun_jax.config import (AUTO_DOTS_MAX_N, PRESETS, from_openfold, model_config, remat_policy,
+from molfun_jax.config import (AUTO_DOTS_MAX_N, PRESETS, RELU_MASK, from_openfold, model_config, remat_policy,
                                resolve_remat_policy)
 import tests.reference  # noqa: F401  (skips without the reference; imports importlib.util)
 
@@ -80,28 +80,47 @@ def test_model_keys_equal_openfold_both_ways(preset):
     assert {k: (og[k], tg[k]) for k in set(og) & set(tg) if k != "chunk_size" and og[k] != tg[k]} == {}
 
 
-def test_remat_policy_names_jax_policies():
+def _saved(policy, capsys) -> list[str]:
+    """What a block rematerialised under `policy` saves for its backward besides its arguments:
+    jax's own report on x -> relu_keeping_mask(x @ w) @ w, its matmul and masked ReLU."""
+    import jax
+    import jax.numpy as jnp
+
+    from molfun_jax.model.primitives import relu_keeping_mask
+    f = lambda x, w: jnp.sum(relu_keeping_mask(x @ w) @ w)
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(f, policy=policy), jnp.ones((8, 16)), jnp.ones((16, 16)))
+    return sorted(line.split(" from ")[0] for line in capsys.readouterr().out.splitlines()
+                  if "from the argument" not in line)
+
+
+def test_remat_policy_names_jax_policies_and_keeps_the_relu_mask(capsys):
+    """Each name saves what jax's policy of that name saves, plus the ReLU's bit mask (8 rows of 16
+    channels: 8 x 2 bytes); an unknown name is refused."""
     import jax
 
     g = model_config("tiny", train=True).globals
-    assert remat_policy(g) is jax.checkpoint_policies.nothing_saveable
+    mask = f"u8[8,2] named '{RELU_MASK}'"
+    for name in ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"):
+        g.remat_policy = name
+        jax_saves = _saved(getattr(jax.checkpoint_policies, name), capsys)
+        assert mask not in jax_saves
+        assert _saved(remat_policy(g), capsys) == sorted(jax_saves + [mask])
     g.remat_policy = "dots_saveable"
-    assert remat_policy(g) is jax.checkpoint_policies.dots_saveable
+    assert "f32[8,16] output of dot_general" in _saved(remat_policy(g), capsys)
     g.remat_policy = "save_everything"
     with pytest.raises(ValueError, match="remat_policy"):
         remat_policy(g)
 
 
 def test_auto_remat_policy_saves_matmuls_only_for_short_crops_on_accelerators():
-    import jax
-
     c = model_config("tiny", train=True)
     assert c.globals.remat_policy == "auto"
     for platform in ("gpu", "tpu"):
         short = resolve_remat_policy(c, AUTO_DOTS_MAX_N, platform)
         long = resolve_remat_policy(c, AUTO_DOTS_MAX_N + 1, platform)
-        assert remat_policy(short.globals) is jax.checkpoint_policies.dots_saveable
-        assert remat_policy(long.globals) is jax.checkpoint_policies.nothing_saveable
+        assert short.globals.remat_policy == "dots_saveable"
+        assert long.globals.remat_policy == "nothing_saveable"
     assert resolve_remat_policy(c, 8, "cpu").globals.remat_policy == "nothing_saveable"
     assert c.globals.remat_policy == "auto"  # resolved on a copy
     c.globals.remat_policy = "dots_saveable"  # an explicit choice is kept, on CPU too

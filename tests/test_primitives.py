@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from molfun_jax.model.primitives import Attention, GlobalAttention, LayerNorm, Linear, LinearWeights, chunk_layer
+from molfun_jax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear, LinearWeights, chunk_layer,
+                                        relu_keeping_mask)
 from convert.torch_to_flax import state_dict_to_tree
 from tests.reference import assert_parity, flax_params, padded_mask, randomize_, to_torch, torch
 
@@ -22,6 +23,20 @@ def test_linear_and_layernorm_match_openfold():
     assert_parity("Linear", ours, lin(to_torch(x)))
     ln = randomize_(of.LayerNorm(7))
     assert_parity("LayerNorm", LayerNorm().apply({"params": flax_params(ln)}, x), ln(to_torch(x)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_relu_keeping_mask_equals_relu_values_and_gradient(dtype):
+    """relu_keeping_mask is jax.nn.relu forward and backward (zero gradient at 0, as relu), on 12
+    channels (not a whole number of bytes of mask), with zeros, negatives and positives."""
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(5, 3, 12)), dtype).at[0, 0, :4].set(0)
+    ct = jnp.asarray(np.random.default_rng(5).normal(size=x.shape), dtype)
+    np.testing.assert_array_equal(relu_keeping_mask(x), jax.nn.relu(x))
+    got, want = (jax.grad(lambda x: jnp.sum((f(x) * ct).astype(jnp.float32)))(x) for f in (relu_keeping_mask, jax.nn.relu))
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(want, jnp.where(x > 0, ct, 0))  # by hand
+    assert int(jnp.sum(x == 0)) >= 4 and int(jnp.sum(x < 0)) > 10
 
 
 def test_layernorm_gradients_match_openfolds_autograd():

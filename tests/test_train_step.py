@@ -167,6 +167,25 @@ def test_head_only_step_has_no_trunk_backward():
     assert extra["lora"][0] > extra["lora"][1] // 2, extra  # the trunk's backward
 
 
+def test_remat_recomputes_no_pair_transition_matmul_for_its_relu():
+    """Rematerialised, a block's backward recomputes its forward, but not the pair transition's
+    first Linear: its ReLU keeps a bit mask for the backward (`relu_keeping_mask`, saved by every
+    remat policy), and the transition ends the block, so nothing else needs that matmul. The MSA
+    transition's output feeds the outer product mean, so its first Linear is recomputed. Counted
+    on the compiled LoRA step's matmuls (op names: the recompute is `rematted_computation`)."""
+    cfg = tiny_config()
+    cfg.globals.remat = True
+    model, plan, step, state, frozen, mesh = setup(LoRA(amp=False), config=cfg)
+    (group,) = make_batches(examples(1), 1, 1)
+    dots = [line for line in step.lower(state, frozen, shard_batch(group, mesh, 1)).compile().as_text().splitlines()
+            if " dot(" in line]
+    runs = lambda module, recompute: sum(f"/{module}/linear_1/" in line and ("rematted_computation" in line) == recompute
+                                         for line in dots)
+    assert runs("pair_transition", recompute=False) >= 1  # the forward
+    assert runs("pair_transition", recompute=True) == 0
+    assert runs("msa_transition", recompute=True) >= 1
+
+
 def test_amp_computes_in_bfloat16():
     (group,) = make_batches(examples(2), 2, 1)
     for amp, dtypes in ((True, {"bfloat16", "float32"}), (False, {"float32"})):

@@ -13,7 +13,9 @@ from typing import Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from molfun_jax.config import RELU_MASK
 from molfun_jax.lora import delta
 
 Array = jax.Array
@@ -298,6 +300,27 @@ def chunk_layer(fn: Callable[..., Array], args: Sequence[Array], chunk_size: Opt
     out = jax.lax.map(jax.checkpoint(one, prevent_cse=False), chunked)  # no CSE to prevent in a scan body
     out = out.reshape((n_chunks * chunk_size,) + out.shape[2:])[:n]
     return out.reshape(batch_shape + out.shape[1:])
+
+
+@jax.custom_vjp
+def relu_keeping_mask(x: Array) -> Array:
+    """max(x, 0), jax.nn.relu's values and gradient, whose backward keeps only where x > 0, packed
+    to bits and named `RELU_MASK` for the remat policy (config.remat_policy): a rematerialised
+    block that saves it need not recompute x to back-propagate through the ReLU."""
+    return jnp.maximum(x, 0)
+
+
+def _relu_keeping_mask_fwd(x: Array) -> tuple[Array, Array]:
+    # x: [*, C] -> bits [*, ceil(C / 8)] uint8
+    return jnp.maximum(x, 0), checkpoint_name(jnp.packbits(x > 0, axis=-1), RELU_MASK)
+
+
+def _relu_keeping_mask_bwd(bits: Array, dy: Array) -> tuple[Array]:
+    keep = jnp.unpackbits(bits, axis=-1, count=dy.shape[-1]).astype(bool)  # [*, C]
+    return (jnp.where(keep, dy, 0),)
+
+
+relu_keeping_mask.defvjp(_relu_keeping_mask_fwd, _relu_keeping_mask_bwd)
 
 
 @jax.custom_jvp
