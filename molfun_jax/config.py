@@ -16,25 +16,34 @@ import ml_collections as mlc
 
 PRESETS = tuple(f"model_{i}" for i in range(1, 6)) + tuple(f"model_{i}_ptm" for i in range(1, 6))
 TINY = "tiny"
-# globals.remat_policy -> what a rematerialised block saves for its backward: nothing (recompute
-# the whole block), matmul outputs (recompute only element-wise work), or matmuls without batch
-# dimensions (the projections; attention logits and triangle products are recomputed); 'auto'
-# (the training default) picks by crop size, see `resolve_remat_policy`.
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "auto")
+# globals.remat_policy -> what a rematerialised block saves for its backward besides its input:
+# nothing (recompute the whole block); statistics (the small values named below, so the recompute
+# skips the pair transition's first matmul and every LayerNorm's reductions); matmul outputs, or
+# matmuls without batch dimensions (the projections; attention logits and triangle products are
+# recomputed), each with the statistics; 'auto' (the training default) picks by crop size, see
+# `resolve_remat_policy`.
+REMAT_POLICIES = ("nothing_saveable", "statistics_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "auto")
 # 'auto' saves matmul outputs up to this many residues on an accelerator (their memory grows with
-# N^2..N^3 per block, so longer crops recompute and fit). On CPU it saves nothing: there the
-# 48-block LoRA step at N=64 with dots_saveable is 5-12 % faster (5.6-6.4 s vs 5.9-7.3 s, steps
-# reusing their buffers) but holds 3.9x the memory (5.1 vs 1.3 GiB, more than OpenFold's 4 GiB;
-# scripts/bench_train_step.py --policy). Without `synchronous_cpu_dispatch` (training.memory)
-# XLA:CPU also maps those temporaries afresh each step, which a VM handing freed pages back to its
-# host refaults: a step after a 20 s pause took 22-28 s instead of 12-14 s (measured in one
-# process, issue 11's closing note).
+# N^2..N^3 per block, so longer crops recompute and fit), and statistics only beyond. On CPU it
+# saves statistics only: there the 48-block LoRA step at N=64 with dots_saveable is 5-12 % faster
+# (5.6-6.4 s vs 5.9-7.3 s, steps reusing their buffers) but holds 3.9x the memory (5.1 vs 1.3 GiB,
+# more than OpenFold's 4 GiB; scripts/bench_train_step.py --policy). Without
+# `synchronous_cpu_dispatch` (training.memory) XLA:CPU also maps those temporaries afresh each
+# step, which a VM handing freed pages back to its host refaults: a step after a 20 s pause took
+# 22-28 s instead of 12-14 s (measured in one process, issue 11's closing note).
 AUTO_DOTS_MAX_N = 64
-# what every policy saves besides: the pair transition's ReLU mask, packed to bits
-# (`primitives.relu_keeping_mask`; N_res^2 * 4 * C_z / 8 bytes a block, 0.25 MiB at N=64), so
-# the backward does not recompute the transition's first matmul (a ninth of an Evoformer block's
-# forward FLOPs) only to find which entries its ReLU zeroed
+# the statistics, named where `model/primitives.py` computes them; small next to the block input
+# a rematerialised block keeps anyway (N_res^2 * C_z floats of pair):
+# - the pair transition's ReLU mask, packed to bits (`relu_keeping_mask`; N_res^2 * 4 * C_z / 8
+#   bytes a block), so the backward does not recompute the transition's first matmul (a ninth of
+#   an Evoformer block's forward FLOPs) only to find which entries its ReLU zeroed;
+# - each LayerNorm's mean and 1 / std (`layer_norm`; 8 bytes a position), so the recompute
+#   standardises without the two reductions over the channels.
+# Together 0.5 MiB an Evoformer block at N=64 (single sequence), 18 MiB at N=384 (+25 % of the
+# fp32 block input, +50 % of the bf16 one); 'nothing_saveable' keeps none of them.
 RELU_MASK = "relu_mask"
+LAYER_NORM_STATISTICS = "layer_norm_statistics"
 
 
 def _base() -> mlc.ConfigDict:
@@ -166,25 +175,30 @@ def model_config(name: str, train: bool = False, low_prec: bool = False) -> mlc.
 
 
 def remat_policy(globals_: Any) -> Any:
-    """The `jax.checkpoint_policies` function named by `globals_.remat_policy` (default: save
-    nothing; an unresolved 'auto' saves nothing too, see `resolve_remat_policy`), saving the
-    values named RELU_MASK too."""
+    """The `jax.checkpoint_policies` function for `globals_.remat_policy` (default: save nothing;
+    'statistics_saveable' and an unresolved 'auto' save the statistics, see
+    `resolve_remat_policy`); the dots policies save the statistics too."""
     name = globals_.get("remat_policy", "nothing_saveable")
     if name not in REMAT_POLICIES:
         raise ValueError(f"globals.remat_policy={name!r}; choose one of {REMAT_POLICIES}")
-    base = getattr(jax.checkpoint_policies, "nothing_saveable" if name == "auto" else name)
-    return jax.checkpoint_policies.save_from_both_policies(base, jax.checkpoint_policies.save_only_these_names(RELU_MASK))
+    policies = jax.checkpoint_policies
+    statistics = policies.save_only_these_names(RELU_MASK, LAYER_NORM_STATISTICS)
+    if name == "nothing_saveable":
+        return policies.nothing_saveable
+    if name in ("statistics_saveable", "auto"):
+        return statistics
+    return policies.save_from_both_policies(getattr(policies, name), statistics)
 
 
 def resolve_remat_policy(c: mlc.ConfigDict, n_res: int, platform: str) -> mlc.ConfigDict:
     """`c`, or a copy whose remat_policy 'auto' is made concrete for a crop of `n_res` residues on
     `platform` ('cpu', 'gpu', 'tpu', as `jax.default_backend()`): 'dots_saveable' up to
-    AUTO_DOTS_MAX_N residues on an accelerator, else 'nothing_saveable'."""
+    AUTO_DOTS_MAX_N residues on an accelerator, else 'statistics_saveable'."""
     if c.globals.get("remat_policy") != "auto":
         return c
     c = copy.deepcopy(c)
     dots = platform != "cpu" and n_res <= AUTO_DOTS_MAX_N
-    c.globals.remat_policy = "dots_saveable" if dots else "nothing_saveable"
+    c.globals.remat_policy = "dots_saveable" if dots else "statistics_saveable"
     return c
 
 

@@ -1,8 +1,8 @@
 """Our presets equal OpenFold's model configs; tiny is derived from the same code."""
 import pytest
 
-from molfun_jax.config import (AUTO_DOTS_MAX_N, PRESETS, RELU_MASK, from_openfold, model_config, remat_policy,
-                               resolve_remat_policy)
+from molfun_jax.config import (AUTO_DOTS_MAX_N, LAYER_NORM_STATISTICS, PRESETS, RELU_MASK, from_openfold, model_config,
+                               remat_policy, resolve_remat_policy)
 import tests.reference  # noqa: F401  (skips without the reference; imports importlib.util)
 
 import openfold.config as of_config  # noqa: E402
@@ -82,30 +82,35 @@ def test_model_keys_equal_openfold_both_ways(preset):
 
 def _saved(policy, capsys) -> list[str]:
     """What a block rematerialised under `policy` saves for its backward besides its arguments:
-    jax's own report on x -> relu_keeping_mask(x @ w) @ w, its matmul and masked ReLU."""
+    jax's own report on x -> relu_keeping_mask(layer_norm(x @ w)) @ w."""
     import jax
     import jax.numpy as jnp
 
-    from molfun_jax.model.primitives import relu_keeping_mask
-    f = lambda x, w: jnp.sum(relu_keeping_mask(x @ w) @ w)
+    from molfun_jax.model.primitives import layer_norm, relu_keeping_mask
+    f = lambda x, w: jnp.sum(relu_keeping_mask(layer_norm(x @ w, w[0], w[1], 1e-5)) @ w)
     capsys.readouterr()
     jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(f, policy=policy), jnp.ones((8, 16)), jnp.ones((16, 16)))
     return sorted(line.split(" from ")[0] for line in capsys.readouterr().out.splitlines()
                   if "from the argument" not in line)
 
 
-def test_remat_policy_names_jax_policies_and_keeps_the_relu_mask(capsys):
-    """Each name saves what jax's policy of that name saves, plus the ReLU's bit mask (8 rows of 16
-    channels: 8 x 2 bytes); an unknown name is refused."""
+def test_remat_policies_save_what_jax_policies_save_and_the_statistics(capsys):
+    """'nothing_saveable' saves what jax's policy of that name saves; 'statistics_saveable' the
+    ReLU's bit mask (8 rows of 16 channels: 8 x 2 bytes) and the LayerNorm's mean and 1 / std
+    (8 x 1 floats each); the dots policies what jax's save plus those. An unknown name is refused."""
     import jax
 
     g = model_config("tiny", train=True).globals
-    mask = f"u8[8,2] named '{RELU_MASK}'"
-    for name in ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"):
+    statistics = [f"u8[8,2] named '{RELU_MASK}'"] + [f"f32[8,1] named '{LAYER_NORM_STATISTICS}'"] * 2
+    nothing = _saved(jax.checkpoint_policies.nothing_saveable, capsys)
+    assert not set(statistics) & set(nothing)
+    for name, jax_name, extra in (("nothing_saveable", "nothing_saveable", []),
+                                  ("statistics_saveable", "nothing_saveable", statistics),
+                                  ("dots_saveable", "dots_saveable", statistics),
+                                  ("dots_with_no_batch_dims_saveable", "dots_with_no_batch_dims_saveable", statistics)):
         g.remat_policy = name
-        jax_saves = _saved(getattr(jax.checkpoint_policies, name), capsys)
-        assert mask not in jax_saves
-        assert _saved(remat_policy(g), capsys) == sorted(jax_saves + [mask])
+        assert _saved(remat_policy(g), capsys) == sorted(_saved(getattr(jax.checkpoint_policies, jax_name), capsys)
+                                                         + extra), name
     g.remat_policy = "dots_saveable"
     assert "f32[8,16] output of dot_general" in _saved(remat_policy(g), capsys)
     g.remat_policy = "save_everything"
@@ -120,8 +125,8 @@ def test_auto_remat_policy_saves_matmuls_only_for_short_crops_on_accelerators():
         short = resolve_remat_policy(c, AUTO_DOTS_MAX_N, platform)
         long = resolve_remat_policy(c, AUTO_DOTS_MAX_N + 1, platform)
         assert short.globals.remat_policy == "dots_saveable"
-        assert long.globals.remat_policy == "nothing_saveable"
-    assert resolve_remat_policy(c, 8, "cpu").globals.remat_policy == "nothing_saveable"
+        assert long.globals.remat_policy == "statistics_saveable"
+    assert resolve_remat_policy(c, 8, "cpu").globals.remat_policy == "statistics_saveable"
     assert c.globals.remat_policy == "auto"  # resolved on a copy
     c.globals.remat_policy = "dots_saveable"  # an explicit choice is kept, on CPU too
     assert resolve_remat_policy(c, 8, "cpu").globals.remat_policy == "dots_saveable"

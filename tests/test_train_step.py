@@ -14,7 +14,7 @@ import pytest
 from flax import traverse_util
 
 from molfun_jax.heads import HeadConfig
-from molfun_jax.training import (AffinityModel, HeadOnly, LoRA, Partial, data_mesh, init_state, make_batches,
+from molfun_jax.training import (AffinityModel, Full, HeadOnly, LoRA, Partial, data_mesh, init_state, make_batches,
                                  make_predict_step, make_train_step, replicate, shard_batch, with_dtype)
 from tests.conftest import ROOT
 from tests.finetune_common import random_trunk, synthetic_example, tiny_config
@@ -167,14 +167,39 @@ def test_head_only_step_has_no_trunk_backward():
     assert extra["lora"][0] > extra["lora"][1] // 2, extra  # the trunk's backward
 
 
+@pytest.mark.parametrize("strategy", [LoRA(amp=False), Full(amp=False)], ids=["lora", "full"])
+def test_remat_changes_no_gradient(strategy):
+    """The step's gradients with every block rematerialised (what the remat policy saves, the
+    ReLU masks and LayerNorm statistics, and what it recomputes) equal those of the plain
+    backward, for LoRA (activation gradients only) and Full (every kernel, LayerNorm scale and
+    bias too)."""
+    exs = examples(2)
+    out = []
+    for remat in (False, True):
+        cfg = tiny_config()
+        cfg.globals.update(remat=remat, remat_policy="auto")  # as in training
+        _, _, step, state, frozen, mesh = setup(strategy, config=cfg, wrap_tx=lambda _: record_grads())
+        (group,) = make_batches(exs, 2, 1)
+        state, metrics = step(state, frozen, shard_batch(group, mesh, 1))
+        out.append((state["opt_state"][0], float(metrics["loss"])))
+    (g_plain, loss_plain), (g_remat, loss_remat) = out
+    assert rel_diff(loss_remat, loss_plain) <= 1e-6
+    assert_same_tree(g_remat, g_plain, rtol=1e-5)
+    flat = traverse_util.flatten_dict(g_remat)
+    scales = [v for k, v in flat.items() if k[-1] == "scale" and "pair_transition" in k]
+    if isinstance(strategy, Full):  # a LayerNorm scale's gradient, compared above, is not zero
+        assert scales and float(np.abs(scales[0]).max()) > 0
+
+
 def test_remat_recomputes_no_pair_transition_matmul_for_its_relu():
     """Rematerialised, a block's backward recomputes its forward, but not the pair transition's
-    first Linear: its ReLU keeps a bit mask for the backward (`relu_keeping_mask`, saved by every
-    remat policy), and the transition ends the block, so nothing else needs that matmul. The MSA
-    transition's output feeds the outer product mean, so its first Linear is recomputed. Counted
-    on the compiled LoRA step's matmuls (op names: the recompute is `rematted_computation`)."""
+    first Linear: its ReLU keeps a bit mask for the backward (`relu_keeping_mask`, saved by the
+    training default 'auto'), and the transition ends the block, so nothing else needs that
+    matmul. The MSA transition's output feeds the outer product mean, so its first Linear is
+    recomputed. Counted on the compiled LoRA step's matmuls (the recompute's op names hold
+    `rematted_computation`)."""
     cfg = tiny_config()
-    cfg.globals.remat = True
+    cfg.globals.update(remat=True, remat_policy="auto")  # as in training
     model, plan, step, state, frozen, mesh = setup(LoRA(amp=False), config=cfg)
     (group,) = make_batches(examples(1), 1, 1)
     dots = [line for line in step.lower(state, frozen, shard_batch(group, mesh, 1)).compile().as_text().splitlines()

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from molfun_jax.config import RELU_MASK
+from molfun_jax.config import LAYER_NORM_STATISTICS, RELU_MASK
 from molfun_jax.lora import delta
 
 Array = jax.Array
@@ -199,27 +199,29 @@ class LayerNorm(nn.Module):
         return layer_norm(x, scale, bias, self.eps)
 
 
-def _normalize(x: Array, eps: float) -> tuple[Array, Array]:
-    """x standardised over its last axis in float32, and 1 / std: [*, C], [*, 1]."""
+def _statistics(x: Array, eps: float) -> tuple[Array, Array]:
+    """The mean and 1 / std of x over its last axis, in float32: [*, 1], [*, 1]."""
     xf = x.astype(jnp.float32)  # [*, C]
     mean = jnp.mean(xf, axis=-1, keepdims=True)  # [*, 1]
-    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + eps)  # [*, 1]
-    return (xf - mean) * rstd, rstd
+    return mean, jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + eps)  # [*, 1]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
     """x [*, C] standardised over C in float32, times `scale` plus `bias` (float32 [C]), in x's
     dtype; with its closed-form backward (`_layer_norm_bwd`)."""
-    x_hat, _ = _normalize(x, eps)  # [*, C]
-    return (x_hat * scale + bias).astype(x.dtype)
+    mean, rstd = _statistics(x, eps)  # [*, 1], [*, 1]
+    return ((x.astype(jnp.float32) - mean) * rstd * scale + bias).astype(x.dtype)
 
 
 def _layer_norm_fwd(x, scale, bias, eps) -> tuple[Array, tuple]:
     # `x`, `scale`, `bias`: CustomVJPPrimal (symbolic_zeros). In the residuals () marks an input
     # that needs a gradient and None one that does not (a frozen scale / bias gets no sum over
-    # positions, an x outside the differentiated path no dx); a 0-d zero carries x's dtype
-    x_hat, rstd = _normalize(x.value, eps)  # [*, C], [*, 1]
+    # positions, an x outside the differentiated path no dx); a 0-d zero carries x's dtype. The
+    # statistics are named for the remat policy: a rematerialised block keeps them (N_res^2 * 8
+    # bytes a pair LayerNorm) and recomputes x_hat from x, without the two reductions
+    mean, rstd = (checkpoint_name(t, LAYER_NORM_STATISTICS) for t in _statistics(x.value, eps))  # [*, 1], [*, 1]
+    x_hat = (x.value.astype(jnp.float32) - mean) * rstd  # [*, C]
     trained = tuple(() if p.perturbed else None for p in (x, scale, bias))
     res = (x_hat, rstd, scale.value, jnp.zeros((), x.value.dtype), trained)
     return (x_hat * scale.value + bias.value).astype(x.value.dtype), res
