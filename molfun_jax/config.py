@@ -36,8 +36,8 @@ AUTO_DOTS_MAX_N = 64
 # the statistics, named where `model/primitives.py` computes them; small next to the block input
 # a rematerialised block keeps anyway (N_res^2 * C_z floats of pair):
 # - the pair transition's ReLU mask, packed to bits (`relu_keeping_mask`; N_res^2 * 4 * C_z / 8
-#   bytes a block), so the backward does not recompute the transition's first matmul (a ninth of
-#   an Evoformer block's forward FLOPs) only to find which entries its ReLU zeroed;
+#   bytes a block), so the backward does not recompute the transition's first matmul (about a tenth
+#   of an Evoformer block's forward FLOPs at N=64) only to find which entries its ReLU zeroed;
 # - each LayerNorm's mean and 1 / std (`layer_norm`; 8 bytes a position), so the recompute
 #   standardises without the two reductions over the channels.
 # Together 0.5 MiB an Evoformer block at N=64 (single sequence), 18 MiB at N=384 (+25 % of the
