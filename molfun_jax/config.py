@@ -26,9 +26,10 @@ REMAT_POLICIES = ("nothing_saveable", "statistics_saveable", "dots_saveable", "d
                   "auto")
 # 'auto' saves matmul outputs up to this many residues on an accelerator (their memory grows with
 # N^2..N^3 per block, so longer crops recompute and fit), and statistics only beyond. On CPU it
-# saves statistics only: there the 48-block LoRA step at N=64 with dots_saveable is 5-12 % faster
-# (5.6-6.4 s vs 5.9-7.3 s, steps reusing their buffers) but holds 3.9x the memory (5.1 vs 1.3 GiB,
-# more than OpenFold's 4 GiB; scripts/bench_train_step.py --policy). Without
+# saves statistics only: there the 48-block LoRA step at N=64 with dots_saveable was 5-12 % faster
+# than with nothing_saveable (5.6-6.4 s vs 5.9-7.3 s, steps reusing their buffers, measured before
+# the statistics) but holds 3.9x the memory (5.1 vs 1.3 GiB, more than OpenFold's 4 GiB;
+# scripts/bench_train_step.py --policy). Without
 # `synchronous_cpu_dispatch` (training.memory) XLA:CPU also maps those temporaries afresh each
 # step, which a VM handing freed pages back to its host refaults: a step after a 20 s pause took
 # 22-28 s instead of 12-14 s (measured in one process, issue 11's closing note).

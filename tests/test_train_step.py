@@ -186,9 +186,9 @@ def test_remat_changes_no_gradient(strategy):
     (g_plain, loss_plain), (g_remat, loss_remat) = out
     assert rel_diff(loss_remat, loss_plain) <= 1e-6
     assert_same_tree(g_remat, g_plain, rtol=1e-5)
-    flat = traverse_util.flatten_dict(g_remat)
-    scales = [v for k, v in flat.items() if k[-1] == "scale" and "pair_transition" in k]
     if isinstance(strategy, Full):  # a LayerNorm scale's gradient, compared above, is not zero
+        scales = [v for k, v in traverse_util.flatten_dict(g_remat).items()
+                  if k[-1] == "scale" and "pair_transition" in k]
         assert scales and float(np.abs(scales[0]).max()) > 0
 
 

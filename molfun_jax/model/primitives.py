@@ -206,12 +206,16 @@ def _statistics(x: Array, eps: float) -> tuple[Array, Array]:
     return mean, jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + eps)  # [*, 1]
 
 
+def _standardized(x: Array, mean: Array, rstd: Array) -> Array:
+    """x [*, C] standardised with its statistics [*, 1], in float32: [*, C]."""
+    return (x.astype(jnp.float32) - mean) * rstd
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
     """x [*, C] standardised over C in float32, times `scale` plus `bias` (float32 [C]), in x's
     dtype; with its closed-form backward (`_layer_norm_bwd`)."""
-    mean, rstd = _statistics(x, eps)  # [*, 1], [*, 1]
-    return ((x.astype(jnp.float32) - mean) * rstd * scale + bias).astype(x.dtype)
+    return (_standardized(x, *_statistics(x, eps)) * scale + bias).astype(x.dtype)  # [*, C]
 
 
 def _layer_norm_fwd(x, scale, bias, eps) -> tuple[Array, tuple]:
@@ -221,7 +225,7 @@ def _layer_norm_fwd(x, scale, bias, eps) -> tuple[Array, tuple]:
     # statistics are named for the remat policy: a rematerialised block keeps them (N_res^2 * 8
     # bytes a pair LayerNorm) and recomputes x_hat from x, without the two reductions
     mean, rstd = (checkpoint_name(t, LAYER_NORM_STATISTICS) for t in _statistics(x.value, eps))  # [*, 1], [*, 1]
-    x_hat = (x.value.astype(jnp.float32) - mean) * rstd  # [*, C]
+    x_hat = _standardized(x.value, mean, rstd)  # [*, C]
     trained = tuple(() if p.perturbed else None for p in (x, scale, bias))
     res = (x_hat, rstd, scale.value, jnp.zeros((), x.value.dtype), trained)
     return (x_hat * scale.value + bias.value).astype(x.value.dtype), res
