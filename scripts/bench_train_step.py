@@ -13,7 +13,8 @@ gradient under a frozen trunk). The first step's loss and gradient norm must agr
     python scripts/bench_train_step.py --strategies partial,partial_unsplit --sides ours --remat on
         # partial_unsplit: Partial back-propagating through every block (the path before the split)
     python scripts/bench_train_step.py --blocks 4 --strategies lora --remat on --sides ours --profile /tmp/prof
-        # 4 Evoformer blocks on both sides (the per-block cost); top XLA ops of one traced step
+        # 4 Evoformer blocks on both sides (the per-block cost); XLA op time of one traced step by
+        # module, by op kind (matmul or which other fusion) and by op
     ... --inputs /tmp/in48   # keep the written inputs there and reuse them in later invocations
     ... --rounds 3   # each row's two sides 3 times, alternating: medians, and each round's speed
     ... --compile-cache /tmp/xla   # ours as a rerun of `train.py`: the step loaded from XLA's cache
@@ -220,9 +221,10 @@ STACKS = ("evoformer", "extra_msa_stack", "template_pair_stack")
 
 def profile_step(compiled, state, frozen, batch, folder: str, top: int = 25) -> list:
     """One step under `jax.profiler.trace` (written to `folder`, opens in Perfetto/TensorBoard);
-    XLA op time summed by (stack, module, forward | remat | backward) and by op, each
-    row [what, ms, share]. Ops are named from the HLO's op_name metadata; the backward's
-    recompute of a remat'ed block (`rematted_computation`) is its own phase, 'remat'."""
+    XLA op time summed by (stack, module, forward | remat | backward), by op kind (`matmul_ops`,
+    else the fusion's kind) and by op, each row [what, ms, share]. Ops are named from the HLO's
+    op_name metadata; the backward's recompute of a remat'ed block (`rematted_computation`) is
+    its own phase, 'remat'."""
     import gzip
     from collections import Counter
 
@@ -234,7 +236,8 @@ def profile_step(compiled, state, frozen, batch, folder: str, top: int = 25) -> 
     events = [e for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
               if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
     total = sum(e["dur"] for e in events) or 1.0
-    by_part, by_op = Counter(), Counter()
+    matmuls = matmul_ops(compiled.as_text())
+    by_part, by_op, by_kind = Counter(), Counter(), Counter()
     for e in events:
         op = e["args"]["hlo_op"]
         name = op_names.get(op, "")
@@ -243,8 +246,10 @@ def profile_step(compiled, state, frozen, batch, folder: str, top: int = 25) -> 
         phase = "remat" if "rematted_computation" in name else "bwd" if "transpose(" in name else "fwd"
         by_part[f"{stack} {module} {phase}"] += e["dur"]
         by_op[f"{op} ({'/'.join(name.split('/')[-2:])})"] += e["dur"]
-    rows = lambda c: [[k, round(v / 1e3, 1), round(v / total, 3)] for k, v in c.most_common(top)]
-    return rows(by_part) + [["--- top ops", round(total / 1e3, 1), 1.0]] + rows(by_op)
+        by_kind["matmul (a dot, or a fusion holding one)" if op in matmuls else re.sub(r"[.\d]+$", "", op)] += e["dur"]
+    rows = lambda c, n=top: [[k, round(v / 1e3, 1), round(v / total, 3)] for k, v in c.most_common(n)]
+    return (rows(by_part) + [["--- by op kind", round(total / 1e3, 1), 1.0]] + rows(by_kind, 8)
+            + [["--- top ops", round(total / 1e3, 1), 1.0]] + rows(by_op))
 
 
 def memory_plan(compiled) -> dict:
@@ -307,6 +312,28 @@ def dot_flops(hlo_text: str) -> float:
         return sum(flops(c) for c in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line))
 
     return flops(entry) if entry else 0.0
+
+
+def matmul_ops(hlo_text: str) -> set[str]:
+    """Names of the instructions of an optimised XLA module that run a matmul: dots, library
+    GEMMs, and fusions whose fused computation holds one (XLA:CPU's YNNPACK fusions put a dot
+    together with its elementwise producers and consumers)."""
+    dots, dot_computations, callers, cur = set(), set(), {}, None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            cur = m.group(2)
+            continue
+        d = _DEFINED_SHAPE.match(line)
+        if d is None:
+            continue
+        if _CONTRACTING.search(line) and _LHS.search(line):
+            dots.add(d.group(1))
+            dot_computations.add(cur)
+        called = re.search(r" fusion\(.*calls=%?([\w.\-]+)", line)
+        if called:
+            callers[d.group(1)] = called.group(1)
+    return dots | {op for op, comp in callers.items() if comp in dot_computations}
 
 
 def time_step_and_forward(compiled, state, frozen, batch, model, plan, ex, repeats: int) -> tuple[Any, float, float, float]:

@@ -1,11 +1,14 @@
 """`scripts.bench_train_step.dot_flops`: the matmul FLOPs an optimised XLA module executes,
 checked against hand-derived counts (2 m n k per matmul) and XLA's own count of a loop-free
-module. The benchmark's step/forward FLOP ratio and gpu_check's utilisation read it."""
+module. The benchmark's step/forward FLOP ratio and gpu_check's utilisation read it. And
+`matmul_ops`, the ops the profile's matmul share counts."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scripts.bench_train_step import dot_flops
+from scripts.bench_train_step import dot_flops, matmul_ops
 
 M, K, N = 48, 40, 24
 X = jnp.asarray(np.random.default_rng(0).normal(size=(M, K)), jnp.float32)
@@ -34,6 +37,19 @@ def test_scan_body_counts_once_per_iteration_and_batched_dots_count_their_batch(
         batched = jnp.einsum("bmk,bkn->bmn", jnp.stack([h, h, h]), jnp.stack([w, w, w]))  # 3 x [M, N]
         return h, batched
     assert dot_flops(_compiled(f, X, W, V).as_text()) == 7 * 2 * (2 * M * K * N) + 3 * 2 * M * K * N
+
+
+def test_matmul_ops_are_the_matmul_and_not_the_elementwise_work():
+    """The profile's matmul share: of the module's top-level ops, exactly the one that reads
+    both matmul operands counts as a matmul (XLA:CPU fuses it with the tanh, or not), the
+    elementwise ops on its output and on the other input do not."""
+    text = _compiled(lambda x, w, v: (jnp.tanh(x @ w) + 1.0, jnp.sin(v) * 2.0), X, W, V).as_text()
+    entry = text[text.index("ENTRY"):].splitlines()[1:]
+    defined = {m.group(1): line for line in entry if (m := re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line))}
+    computing = {n for n, line in defined.items() if not re.search(r" (parameter|tuple)\(", line)}
+    reads_x_and_w = {n for n in computing if re.search(r"\(%x[.\d]*, %w[.\d]*[,)]", defined[n])}
+    assert len(reads_x_and_w) == 1 and len(computing) >= 2
+    assert matmul_ops(text) & computing == reads_x_and_w
 
 
 def test_conditional_counts_its_costliest_branch():
