@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -229,14 +229,15 @@ def profile_step(compiled, state, frozen, batch, folder: str, top: int = 25) -> 
     from collections import Counter
 
     import jax
-    op_names = dict(re.findall(r'%?([\w.\-]+) = .*?op_name="([^"]*)"', compiled.as_text()))
+    hlo = compiled.as_text()
+    op_names = dict(re.findall(r'%?([\w.\-]+) = .*?op_name="([^"]*)"', hlo))
     with jax.profiler.trace(folder, create_perfetto_trace=True):
         jax.block_until_ready(compiled(state, frozen, batch)[1])
     trace = max(Path(folder).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     events = [e for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
               if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
     total = sum(e["dur"] for e in events) or 1.0
-    matmuls = matmul_ops(compiled.as_text())
+    matmuls = matmul_ops(hlo)
     by_part, by_op, by_kind = Counter(), Counter(), Counter()
     for e in events:
         op = e["args"]["hlo_op"]
@@ -270,12 +271,8 @@ _CONTRACTING = re.compile(r'lhs_contracting_dims=\{([\d,]*)\}|"lhs_contracting_d
 _LHS = re.compile(r" (?:dot|custom-call)\((?:\w+\[([\d,]*)\]\S* )?%?([\w.\-]+)")
 
 
-def dot_flops(hlo_text: str) -> float:
-    """The matmul FLOPs an optimised XLA module executes: 2 x output size x contracted size for
-    each dot (or library GEMM), fused ones included, a while loop's body counted once per
-    iteration (its `known_trip_count`), a conditional's costliest branch. XLA's
-    `cost_analysis()` counts a loop's body once: for the scanned 48-block trunk it reports
-    about 1/34 of the step's FLOPs."""
+def _computations(hlo_text: str) -> tuple[Optional[str], dict[str, list[str]]]:
+    """(the entry computation's name, each computation's instruction lines) of an HLO module."""
     comps: dict[str, list[str]] = {}
     entry, cur = None, None
     for line in hlo_text.splitlines():
@@ -286,6 +283,22 @@ def dot_flops(hlo_text: str) -> float:
             entry = cur if m.group(1) else entry
         elif cur is not None:
             comps[cur].append(line)
+    return entry, comps
+
+
+def _matmul(line: str) -> tuple[Optional[re.Match], Optional[re.Match]]:
+    """(contracting dims, lhs operand) of a dot or library GEMM instruction line; Nones otherwise."""
+    contracting, lhs = _CONTRACTING.search(line), _LHS.search(line)
+    return (contracting, lhs) if contracting and lhs else (None, None)
+
+
+def dot_flops(hlo_text: str) -> float:
+    """The matmul FLOPs an optimised XLA module executes: 2 x output size x contracted size for
+    each dot (or library GEMM), fused ones included, a while loop's body counted once per
+    iteration (its `known_trip_count`), a conditional's costliest branch. XLA's
+    `cost_analysis()` counts a loop's body once: for the scanned 48-block trunk it reports
+    about 1/34 of the step's FLOPs."""
+    entry, comps = _computations(hlo_text)
     dims = lambda s: [int(x) for x in s.replace('"', "").split(",") if x.strip()]
     shapes = {m.group(1): dims(m.group(2)) for lines in comps.values() for line in lines
               if (m := _DEFINED_SHAPE.match(line))}
@@ -297,8 +310,8 @@ def dot_flops(hlo_text: str) -> float:
         return memo[name]
 
     def instruction(line: str) -> float:
-        contracting, lhs = _CONTRACTING.search(line), _LHS.search(line)
-        if contracting and lhs:
+        contracting, lhs = _matmul(line)
+        if contracting:
             out = _DEFINED_SHAPE.match(line)
             lhs_dims = dims(lhs.group(1)) if lhs.group(1) is not None else shapes[lhs.group(2)]
             k = math.prod(lhs_dims[i] for i in dims(contracting.group(1) or contracting.group(2)))
@@ -318,21 +331,18 @@ def matmul_ops(hlo_text: str) -> set[str]:
     """Names of the instructions of an optimised XLA module that run a matmul: dots, library
     GEMMs, and fusions whose fused computation holds one (XLA:CPU's YNNPACK fusions put a dot
     together with its elementwise producers and consumers)."""
-    dots, dot_computations, callers, cur = set(), set(), {}, None
-    for line in hlo_text.splitlines():
-        m = _COMPUTATION.match(line)
-        if m:
-            cur = m.group(2)
-            continue
-        d = _DEFINED_SHAPE.match(line)
-        if d is None:
-            continue
-        if _CONTRACTING.search(line) and _LHS.search(line):
-            dots.add(d.group(1))
-            dot_computations.add(cur)
-        called = re.search(r" fusion\(.*calls=%?([\w.\-]+)", line)
-        if called:
-            callers[d.group(1)] = called.group(1)
+    dots, dot_computations, callers = set(), set(), {}
+    for comp, lines in _computations(hlo_text)[1].items():
+        for line in lines:
+            d = _DEFINED_SHAPE.match(line)
+            if d is None:
+                continue
+            if _matmul(line)[0]:
+                dots.add(d.group(1))
+                dot_computations.add(comp)
+            called = re.search(r" fusion\(.*calls=%?([\w.\-]+)", line)
+            if called:
+                callers[d.group(1)] = called.group(1)
     return dots | {op for op, comp in callers.items() if comp in dot_computations}
 
 
