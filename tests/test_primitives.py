@@ -1,5 +1,6 @@
 """Primitives vs OpenFold: Linear/LayerNorm/Attention/GlobalAttention; chunking; converter table."""
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from molfun_jax.model.primitives import (Attention, GlobalAttention, LayerNorm, Linear, LinearWeights, chunk_layer,
-                                        relu_keeping_mask)
+                                        dense, relu_keeping_mask)
 from convert.torch_to_flax import state_dict_to_tree
 from tests.reference import assert_parity, flax_params, padded_mask, randomize_, to_torch, torch
 
@@ -112,6 +113,24 @@ def test_channel_first_linear_gradients_equal_autodiffs_of_the_last_axis_one():
     want_x = jax.grad(functools.partial(loss, -1, v))(x)
     np.testing.assert_allclose(jax.grad(functools.partial(loss, -3, v))(x), want_x, rtol=1e-5, atol=1e-5)
     assert float(np.abs(want[0]["params"]["kernel"]).max()) > 0.1  # a non-trivial gradient was compared
+
+
+def test_channel_first_projection_is_a_dot_contracting_the_kernels_last_axis():
+    """The triangle updates' channel-first projection (x [N, N, C_z] -> [4 C, N, N]) compiles to a
+    dot whose lhs contracts its last axis: XLA:CPU runs that as a library GEMM (YNNPACK), but a dot
+    contracting the kernel's leading axis, which XLA folds `kernel.T` back into unless a barrier
+    stops it, on Eigen's transposed-lhs path, 2.6x slower at this shape."""
+    x = jnp.zeros((64, 64, 128), jnp.float32)
+    kernel = jnp.zeros((128, 512), jnp.float32)
+    for fn in (lambda k, x: dense(x, k, out_axis=-3),  # forward, and the frozen-kernel backward
+               lambda k, x: jax.grad(lambda x: jnp.sum(dense(x, k, out_axis=-3) ** 2))(x)):
+        hlo = jax.jit(fn).lower(kernel, x).compile().as_text()
+        shapes = dict(re.findall(r"%([\w.\-]+) = f32\[([\d,]*)\]", hlo))
+        dots = re.findall(r"= f32\[([\d,]*)\]\S* dot\(%([\w.\-]+), .*?lhs_contracting_dims=\{(\d+)\}", hlo)
+        projections = [(out, shapes[lhs], int(c)) for out, lhs, c in dots if out in ("512,4096", "128,4096")]
+        assert projections, hlo
+        for out, lhs, c in projections:
+            assert c == lhs.count(","), f"dot -> [{out}] contracts axis {c} of its lhs [{lhs}]"
 
 
 def test_lora_linear_equals_autodiff_of_the_unfolded_update():

@@ -160,8 +160,13 @@ def dense(x: Array, kernel: Array, out_axis: int = -1) -> Array:
 
 @jax.custom_vjp
 def _dense_channel_first(kernel: Array, x: Array) -> Array:
-    """kernel^T x^T: x [*, in] @ kernel [in, out] with the output features first, [out, *]."""
-    return jax.lax.dot_general(kernel, x, (((0,), (x.ndim - 1,)), ((), ())))  # [out, *]
+    """kernel^T x^T: x [*, in] @ kernel [in, out] with the output features first, [out, *].
+
+    The kernel is transposed first, behind a barrier: XLA would fold the transpose into the dot,
+    and XLA:CPU runs a dot contracting its lhs's leading axis on Eigen, 2.6x slower than the
+    library GEMM it runs for kernel^T [out, in] (measured on [128, 512] x [4096, 128])."""
+    kernel_t = jax.lax.optimization_barrier(kernel.T)  # [out, in]
+    return jax.lax.dot_general(kernel_t, x, (((1,), (x.ndim - 1,)), ((), ())))  # [out, *]
 
 
 def _dense_channel_first_fwd(kernel, x) -> tuple[Array, tuple]:
