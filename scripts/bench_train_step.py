@@ -16,6 +16,7 @@ gradient under a frozen trunk). The first step's loss and gradient norm must agr
         # 4 Evoformer blocks on both sides (the per-block cost); XLA op time of one traced step by
         # module, by op kind (matmul or which other fusion) and by op
     ... --inputs /tmp/in48   # keep the written inputs there and reuse them in later invocations
+        # (refused when they were written for another --preset, --seed or --blocks)
     ... --rounds 3   # each row's two sides 3 times, alternating: medians, and each round's speed
     ... --compile-cache /tmp/xla   # ours as a rerun of `train.py`: the step loaded from XLA's cache
 
@@ -136,6 +137,28 @@ def write_inputs(preset: str, seed: int, folder: Path, blocks: int | None = None
     tree = {"trunk": trunk, "head": head, "lora": traverse_util.unflatten_dict(flat_lora)}
     np.savez(folder / "variables.npz",
              **{"/".join(p): np.asarray(v) for p, v in traverse_util.flatten_dict(tree).items()})
+    (folder / INPUTS_META).write_text(json.dumps(inputs_meta(preset, seed, blocks)))
+
+
+INPUTS_META = "inputs.json"
+
+
+def inputs_meta(preset: str, seed: int, blocks: int | None) -> dict:
+    """What an inputs folder's weights were written for (`write_inputs`)."""
+    return {"preset": preset, "seed": seed, "blocks": blocks}
+
+
+def check_inputs(folder: Path, preset: str, seed: int, blocks: int | None) -> None:
+    """Refuse to reuse an inputs folder written for another preset, seed or block count, whose
+    weights would not fit the model both sides build (SystemExit naming the folder and the field)."""
+    meta = folder / INPUTS_META
+    if not meta.exists():
+        raise SystemExit(f"{folder}: has variables.npz but no {INPUTS_META} (written by an older benchmark); "
+                         f"remove the folder or pass another --inputs")
+    want, got = inputs_meta(preset, seed, blocks), json.loads(meta.read_text())
+    diff = [f"{k}={got.get(k)!r} (asked {v!r})" for k, v in want.items() if got.get(k) != v]
+    if diff:
+        raise SystemExit(f"{folder}: inputs written for {', '.join(diff)}; pass another --inputs")
 
 
 def load_variables(folder: Path, with_lora: bool) -> dict:
@@ -482,7 +505,18 @@ def worker(side: str, job: dict, folder: Path) -> dict:
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]}
+    return {"error": [error_line(p.stderr or p.stdout)]}
+
+
+def error_line(output: str) -> str:
+    """The line of a failed worker's output that says what went wrong: its last line, skipping
+    the note JAX appends to a filtered traceback and the separators around it."""
+    lines = [l.strip() for l in output.splitlines()
+             if l.strip() and not l.startswith(_JAX_NOTE) and set(l.strip()) != {"-"}]
+    return lines[-1][:300] if lines else "no output"
+
+
+_JAX_NOTE = "For simplicity, JAX has removed its internal frames"
 
 
 MEDIAN_KEYS = ("compile_s", "step_s", "rss_gib", "steps_rss_gib", "forward_s", "paired_step_s", "faults")
@@ -562,6 +596,7 @@ def main() -> None:
         if not (folder / "variables.npz").exists():
             folder.mkdir(parents=True, exist_ok=True)
             write_inputs(args.preset, args.seed, folder, args.blocks)
+        check_inputs(folder, args.preset, args.seed, args.blocks)
         print(f"inputs ready in {time.perf_counter() - t0:.0f} s ({folder}); preset {args.preset}, chain {args.chain}, "
               f"{args.blocks or 'all'} Evoformer blocks, 0 recycles, LoRA r{RANK} {'/'.join(LORA_TARGETS)}, "
               f"chunk size {args.chunk_size} (ours); machine load "

@@ -1,6 +1,10 @@
 """`scripts.bench_train_step.run_rounds`: the benchmark's repeated, alternating side-by-side runs
-(order, medians, per-round speed), checked with a stand-in worker and hand-computed values."""
+(order, medians, per-round speed), checked with a stand-in worker and hand-computed values; the
+error a failed worker reports; the inputs folder's reuse check."""
+import json
 from pathlib import Path
+
+import pytest
 
 import scripts.bench_train_step as bench
 
@@ -30,3 +34,29 @@ def test_one_side_only_runs_that_side(monkeypatch):
     monkeypatch.setattr(bench, "worker", lambda side, job, folder: ran.append(side) or {"step_s": 1.0})
     ours, of, speeds = bench.run_rounds({}, Path("."), ["ours"], 2)
     assert ran == ["ours", "ours"] and ours["step_s"] == 1.0 and of == {} and speeds == []
+
+
+def test_a_failed_worker_reports_its_exception_not_jaxs_traceback_note():
+    stderr = """Traceback (most recent call last):
+  File "scripts/bench_train_step.py", line 188, in run_ours
+    lowered = step.lower(state, frozen, batch)
+ValueError: scan got `length` argument of 4 which disagrees with leading axis sizes [48, 48].
+--------------------
+For simplicity, JAX has removed its internal frames from the traceback of the following exception. Set JAX_TRACEBACK_FILTERING=off to include these.
+"""
+    assert bench.error_line(stderr) == ("ValueError: scan got `length` argument of 4 which disagrees with "
+                                        "leading axis sizes [48, 48].")
+    assert bench.error_line("Killed\n") == "Killed"
+    assert bench.error_line("") == "no output"
+
+
+def test_inputs_written_for_other_blocks_are_refused(tmp_path):
+    (tmp_path / "variables.npz").write_bytes(b"")
+    with pytest.raises(SystemExit, match="no inputs.json"):
+        bench.check_inputs(tmp_path, "model_1_ptm", 0, None)
+    (tmp_path / "inputs.json").write_text(json.dumps({"preset": "model_1_ptm", "seed": 0, "blocks": None}))
+    bench.check_inputs(tmp_path, "model_1_ptm", 0, None)  # the same: reused
+    with pytest.raises(SystemExit, match=rf"{tmp_path}: inputs written for blocks=None \(asked 4\)"):
+        bench.check_inputs(tmp_path, "model_1_ptm", 0, 4)
+    with pytest.raises(SystemExit, match=r"seed=0 \(asked 1\)"):
+        bench.check_inputs(tmp_path, "model_1_ptm", 1, None)
