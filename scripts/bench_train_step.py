@@ -596,7 +596,8 @@ def main() -> None:
         if not (folder / "variables.npz").exists():
             folder.mkdir(parents=True, exist_ok=True)
             write_inputs(args.preset, args.seed, folder, args.blocks)
-        check_inputs(folder, args.preset, args.seed, args.blocks)
+        else:  # reused: written for this preset, seed and block count?
+            check_inputs(folder, args.preset, args.seed, args.blocks)
         print(f"inputs ready in {time.perf_counter() - t0:.0f} s ({folder}); preset {args.preset}, chain {args.chain}, "
               f"{args.blocks or 'all'} Evoformer blocks, 0 recycles, LoRA r{RANK} {'/'.join(LORA_TARGETS)}, "
               f"chunk size {args.chunk_size} (ours); machine load "
