@@ -14,7 +14,8 @@ gradient under a frozen trunk). The first step's loss and gradient norm must agr
         # partial_unsplit: Partial back-propagating through every block (the path before the split)
     python scripts/bench_train_step.py --blocks 4 --strategies lora --remat on --sides ours --profile /tmp/prof
         # 4 Evoformer blocks on both sides (the per-block cost); XLA op time of one traced step by
-        # module, by op kind (matmul or which other fusion) and by op
+        # module, by op kind (batched matmuls and GEMMs with their FLOP rates, or which other
+        # fusion) and by op; the trace and the step's HLO (hlo.txt) stay in the folder
     ... --inputs /tmp/in48   # keep the written inputs there and reuse them in later invocations
         # (refused when they were written for another --preset, --seed or --blocks)
     ... --rounds 3   # each row's two sides 3 times, alternating: medians, and each round's speed
@@ -243,37 +244,84 @@ STACKS = ("evoformer", "extra_msa_stack", "template_pair_stack")
 
 
 def profile_step(compiled, state, frozen, batch, folder: str, top: int = 25) -> list:
-    """One step under `jax.profiler.trace` (written to `folder`, opens in Perfetto/TensorBoard);
-    XLA op time summed by (stack, module, forward | remat | backward), by op kind (`matmul_ops`,
-    else the fusion's kind) and by op, each row [what, ms, share]. Ops are named from the HLO's
-    op_name metadata; the backward's recompute of a remat'ed block (`rematted_computation`) is
-    its own phase, 'remat'."""
+    """One step under `jax.profiler.trace` (written to `folder` with the step's HLO, `hlo.txt`;
+    opens in Perfetto/TensorBoard); XLA op time summed by (stack, module, forward | remat |
+    backward), by op kind (`matmul_ops`' batched matmuls and GEMMs, with their FLOP rates, else
+    the fusion's kind) and by op, each row [what, ms, share]. Ops are named from the HLO's
+    op_name metadata, or (XLA:CPU drops it from some dots) from their operands' (`op_names`); the
+    backward's recompute of a remat'ed block (`rematted_computation`) is its own phase, 'remat'."""
     import gzip
     from collections import Counter
 
     import jax
     hlo = compiled.as_text()
-    op_names = dict(re.findall(r'%?([\w.\-]+) = .*?op_name="([^"]*)"', hlo))
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    Path(folder, "hlo.txt").write_text(hlo)
     with jax.profiler.trace(folder, create_perfetto_trace=True):
         jax.block_until_ready(compiled(state, frozen, batch)[1])
     trace = max(Path(folder).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     events = [e for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
               if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
     total = sum(e["dur"] for e in events) or 1.0
-    matmuls = matmul_ops(hlo)
-    by_part, by_op, by_kind = Counter(), Counter(), Counter()
+    matmuls, names = matmul_ops(hlo), op_names(hlo)
+    by_part, by_op, by_kind, kind_flops = Counter(), Counter(), Counter(), Counter()
     for e in events:
         op = e["args"]["hlo_op"]
-        name = op_names.get(op, "")
-        stack = next((s for s in STACKS if f"/{s}" in name), "other")
-        module = next((m for m in MODULES if f"/{m}/" in name), "-")
-        phase = "remat" if "rematted_computation" in name else "bwd" if "transpose(" in name else "fwd"
+        stack, module, phase, where = names.get(op, ("other", "-", "fwd", ""))
         by_part[f"{stack} {module} {phase}"] += e["dur"]
-        by_op[f"{op} ({'/'.join(name.split('/')[-2:])})"] += e["dur"]
-        by_kind["matmul (a dot, or a fusion holding one)" if op in matmuls else re.sub(r"[.\d]+$", "", op)] += e["dur"]
+        by_op[f"{op} ({where})"] += e["dur"]
+        kind = matmuls[op][0] if op in matmuls else re.sub(r"[.\d]+$", "", op)
+        by_kind[kind] += e["dur"]
+        kind_flops[kind] += matmuls[op][1] if op in matmuls else 0.0
+    kinds = Counter({_KINDS.get(k, k) + (f", {kind_flops[k] / by_kind[k] / 1e3:.0f} GFLOP/s" if k in _KINDS else ""): v
+                     for k, v in by_kind.items()})
     rows = lambda c, n=top: [[k, round(v / 1e3, 1), round(v / total, 3)] for k, v in c.most_common(n)]
-    return (rows(by_part) + [["--- by op kind", round(total / 1e3, 1), 1.0]] + rows(by_kind, 8)
+    return (rows(by_part) + [["--- by op kind", round(total / 1e3, 1), 1.0]] + rows(kinds, 8)
             + [["--- top ops", round(total / 1e3, 1), 1.0]] + rows(by_op))
+
+
+_KINDS = {"gemm": "GEMM (matmul without batch dimensions)", "batched": "batched matmul (attention, triangle products)"}
+_PHASES = ("fwd", "remat", "bwd")
+
+
+def op_names(hlo_text: str) -> dict[str, tuple[str, str, str, str]]:
+    """Each instruction of an optimised XLA module as (stack, module, phase, where), read from its
+    op_name metadata: the Evoformer/extra-MSA/template stack and module in its path, the phase
+    ('remat' in a remat'ed block's recompute, 'bwd' under a transpose, else 'fwd') and the path's
+    last two parts. An instruction without op_name (XLA:CPU keeps only a stack frame on some dots)
+    takes the stack and module of its first operand's nearest named producer (up to 4 back), and
+    the latest phase of its operands' producers; its `where` says so."""
+    named, operands = {}, {}
+    for line in hlo_text.splitlines():
+        d = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+        if d is None:
+            continue
+        op = d.group(1)
+        path = re.search(r'op_name="([^"]*)"', line)
+        if path:
+            path = path.group(1)
+            named[op] = (next((s for s in STACKS if f"/{s}" in path), "other"),
+                         next((m for m in MODULES if f"/{m}/" in path), "-"),
+                         "remat" if "rematted_computation" in path else "bwd" if "transpose(" in path else "fwd",
+                         "/".join(path.split("/")[-2:]))
+        else:
+            args = line[d.end():].split("metadata=")[0]
+            operands[op] = re.findall(r"%([\w.\-]+)", re.sub(r"(calls|to_apply|body|condition)=%?[\w.\-]+", "", args))
+
+    def source(op: str, hops: int) -> Optional[tuple[str, str, str, str]]:
+        """The nearest named producer of `op` within `hops` (depth first, operands in order)."""
+        if op in named:
+            return named[op]
+        return next((n for a in operands.get(op, ()) if hops and (n := source(a, hops - 1))), None)
+
+    def inherit(op: str) -> Optional[tuple[str, str, str, str]]:
+        found = [n for a in operands[op] if (n := source(a, 3)) and n[1] != "-"]
+        if not found:
+            return None
+        phase = max((n[2] for n in found), key=_PHASES.index)
+        return found[0][0], found[0][1], phase, f"{found[0][1]} {phase}, from its operands"
+
+    return {**{op: n for op in operands if (n := inherit(op))}, **named}
 
 
 def memory_plan(compiled) -> dict:
@@ -292,6 +340,7 @@ _DEFINED_SHAPE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \(?\w+\[([\d,]*)\]")
 # a dot, or a library GEMM (cuBLAS custom-call on GPU) carrying dot dimension numbers
 _CONTRACTING = re.compile(r'lhs_contracting_dims=\{([\d,]*)\}|"lhs_contracting_dimensions":\[([^\]]*)\]')
 _LHS = re.compile(r" (?:dot|custom-call)\((?:\w+\[([\d,]*)\]\S* )?%?([\w.\-]+)")
+_BATCHED = re.compile(r'lhs_batch_dims=\{\d|"lhs_batch_dimensions":\["')
 
 
 def _computations(hlo_text: str) -> tuple[Optional[str], dict[str, list[str]]]:
@@ -315,58 +364,73 @@ def _matmul(line: str) -> tuple[Optional[re.Match], Optional[re.Match]]:
     return (contracting, lhs) if contracting and lhs else (None, None)
 
 
-def dot_flops(hlo_text: str) -> float:
-    """The matmul FLOPs an optimised XLA module executes: 2 x output size x contracted size for
-    each dot (or library GEMM), fused ones included, a while loop's body counted once per
-    iteration (its `known_trip_count`), a conditional's costliest branch. XLA's
-    `cost_analysis()` counts a loop's body once: for the scanned 48-block trunk it reports
-    about 1/34 of the step's FLOPs."""
-    entry, comps = _computations(hlo_text)
-    dims = lambda s: [int(x) for x in s.replace('"', "").split(",") if x.strip()]
-    shapes = {m.group(1): dims(m.group(2)) for lines in comps.values() for line in lines
-              if (m := _DEFINED_SHAPE.match(line))}
-    memo: dict[str, float] = {}
+class _Flops:
+    """Matmul FLOPs of an optimised XLA module's instructions and computations: 2 x output size x
+    contracted size for each dot (or library GEMM), a while loop's body counted once per iteration
+    (its `known_trip_count`), a conditional's costliest branch, a fusion's called computation."""
 
-    def flops(name: str) -> float:
-        if name not in memo:
-            memo[name] = sum(map(instruction, comps.get(name, ())))
-        return memo[name]
+    def __init__(self, hlo_text: str):
+        self.entry, self.comps = _computations(hlo_text)
+        self.shapes = {m.group(1): _dims(m.group(2)) for lines in self.comps.values() for line in lines
+                       if (m := _DEFINED_SHAPE.match(line))}
+        self.memo: dict[str, float] = {}
 
-    def instruction(line: str) -> float:
+    def computation(self, name: str) -> float:
+        if name not in self.memo:
+            self.memo[name] = sum(map(self.instruction, self.comps.get(name, ())))
+        return self.memo[name]
+
+    def instruction(self, line: str) -> float:
         contracting, lhs = _matmul(line)
         if contracting:
             out = _DEFINED_SHAPE.match(line)
-            lhs_dims = dims(lhs.group(1)) if lhs.group(1) is not None else shapes[lhs.group(2)]
-            k = math.prod(lhs_dims[i] for i in dims(contracting.group(1) or contracting.group(2)))
-            return 2.0 * math.prod(dims(out.group(2))) * k
+            lhs_dims = _dims(lhs.group(1)) if lhs.group(1) is not None else self.shapes[lhs.group(2)]
+            k = math.prod(lhs_dims[i] for i in _dims(contracting.group(1) or contracting.group(2)))
+            return 2.0 * math.prod(_dims(out.group(2))) * k
         if " while(" in line:
             trips = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
-            return (int(trips.group(1)) if trips else 1) * flops(re.search(r"body=%?([\w.\-]+)", line).group(1))
+            return (int(trips.group(1)) if trips else 1) * self.computation(re.search(r"body=%?([\w.\-]+)", line).group(1))
         branches = re.search(r"branch_computations=\{([^}]*)\}", line)
         if branches:
-            return max(flops(b.strip().lstrip("%")) for b in branches.group(1).split(","))
-        return sum(flops(c) for c in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line))
-
-    return flops(entry) if entry else 0.0
+            return max(self.computation(b.strip().lstrip("%")) for b in branches.group(1).split(","))
+        return sum(self.computation(c) for c in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line))
 
 
-def matmul_ops(hlo_text: str) -> set[str]:
-    """Names of the instructions of an optimised XLA module that run a matmul: dots, library
-    GEMMs, and fusions whose fused computation holds one (XLA:CPU's YNNPACK fusions put a dot
-    together with its elementwise producers and consumers)."""
-    dots, dot_computations, callers = set(), set(), {}
-    for comp, lines in _computations(hlo_text)[1].items():
+def _dims(s: str) -> list[int]:
+    return [int(x) for x in s.replace('"', "").split(",") if x.strip()]
+
+
+def dot_flops(hlo_text: str) -> float:
+    """The matmul FLOPs an optimised XLA module executes (`_Flops`: fused dots included, a loop's
+    body once per iteration). XLA's `cost_analysis()` counts a loop's body once: for the scanned
+    48-block trunk it reports about 1/34 of the step's FLOPs."""
+    flops = _Flops(hlo_text)
+    return flops.computation(flops.entry) if flops.entry else 0.0
+
+
+def matmul_ops(hlo_text: str) -> dict[str, tuple[str, float]]:
+    """The instructions of an optimised XLA module that run a matmul: dots, library GEMMs, and
+    fusions whose fused computation holds one (XLA:CPU's YNNPACK fusions put a dot together with
+    its elementwise producers and consumers), each as name -> (kind, FLOPs of one execution).
+    kind is "batched" when a dot has batch dimensions (attention's and the triangle updates'
+    many small products; XLA:CPU runs each such dot on one core), else "gemm"."""
+    flops = _Flops(hlo_text)
+    fused = {d.group(1): c.group(1) for lines in flops.comps.values() for line in lines
+             if (d := _DEFINED_SHAPE.match(line)) and (c := re.search(r" fusion\(.*calls=%?([\w.\-]+)", line))}
+    kind = lambda dots: "batched" if any(_BATCHED.search(line) for line in dots) else "gemm"
+    out = {}
+    for comp, lines in flops.comps.items():
+        if comp in fused.values():  # a fusion's body runs as the fusion
+            continue
         for line in lines:
             d = _DEFINED_SHAPE.match(line)
-            if d is None:
-                continue
-            if _matmul(line)[0]:
-                dots.add(d.group(1))
-                dot_computations.add(comp)
-            called = re.search(r" fusion\(.*calls=%?([\w.\-]+)", line)
-            if called:
-                callers[d.group(1)] = called.group(1)
-    return dots | {op for op, comp in callers.items() if comp in dot_computations}
+            if d is not None and _matmul(line)[0]:
+                out[d.group(1)] = (kind([line]), flops.instruction(line))
+            elif d is not None and d.group(1) in fused:
+                dots = [f for f in flops.comps.get(fused[d.group(1)], ()) if _matmul(f)[0]]
+                if dots:
+                    out[d.group(1)] = (kind(dots), flops.computation(fused[d.group(1)]))
+    return out
 
 
 def time_step_and_forward(compiled, state, frozen, batch, model, plan, ex, repeats: int) -> tuple[Any, float, float, float]:

@@ -1,14 +1,15 @@
 """`scripts.bench_train_step.dot_flops`: the matmul FLOPs an optimised XLA module executes,
 checked against hand-derived counts (2 m n k per matmul) and XLA's own count of a loop-free
 module. The benchmark's step/forward FLOP ratio and gpu_check's utilisation read it. And
-`matmul_ops`, the ops the profile's matmul share counts."""
+`matmul_ops`, the ops the profile's matmul shares count, and `op_names`, which names the profile's
+rows."""
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scripts.bench_train_step import dot_flops, matmul_ops
+from scripts.bench_train_step import dot_flops, matmul_ops, op_names
 
 M, K, N = 48, 40, 24
 X = jnp.asarray(np.random.default_rng(0).normal(size=(M, K)), jnp.float32)
@@ -49,7 +50,49 @@ def test_matmul_ops_are_the_matmul_and_not_the_elementwise_work():
     computing = {n for n, line in defined.items() if not re.search(r" (parameter|tuple)\(", line)}
     reads_x_and_w = {n for n in computing if re.search(r"\(%x[.\d]*, %w[.\d]*[,)]", defined[n])}
     assert len(reads_x_and_w) == 1 and len(computing) >= 2
-    assert matmul_ops(text) & computing == reads_x_and_w
+    ops = matmul_ops(text)
+    assert ops.keys() & computing == reads_x_and_w
+    assert ops[reads_x_and_w.pop()] == ("gemm", 2 * M * K * N)
+
+
+def test_matmul_ops_tell_batched_products_from_gemms_with_the_flops_of_one_execution():
+    """The scan body's two GEMMs count once each (an op's FLOPs per execution: the trace has an
+    event per iteration), the einsum over a batch of 3 as one batched op of 3 products."""
+    def f(x, w, v):
+        def body(h, _):
+            return jnp.tanh((h @ w) @ v), None  # [M, K] -> [M, N] -> [M, K]
+        h, _ = jax.lax.scan(body, x, None, length=7)
+        return jnp.einsum("bmk,bkn->bmn", jnp.stack([h, h, h]), jnp.stack([w, w, w]))  # 3 x [M, N]
+    ops = matmul_ops(_compiled(f, X, W, V).as_text()).values()
+    assert [f for kind, f in ops if kind == "batched"] == [3 * 2 * M * K * N]
+    assert sum(f for kind, f in ops if kind == "gemm") == 2 * (2 * M * K * N)
+
+
+NAMED_HLO = """HloModule m
+
+ENTRY %main (p: f32[8,8]) -> f32[8,8] {
+  %p = f32[8,8]{1,0} parameter(0)
+  %a = f32[8,8]{1,0} multiply(%p, %p), metadata={op_name="jit(step)/jvp(AlphaFold)/evoformer/blocks/core/tri_mul_out/mul"}
+  %g = f32[8,8]{1,0} add(%p, %p), metadata={op_name="jit(step)/transpose(jvp(AlphaFold))/evoformer/blocks/core/tri_mul_out/add"}
+  %c = f32[8,8]{1,0} copy(%g)
+  %d = f32[8,8]{1,0} dot(%a, %c), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={stack_frame_id=3}
+  %e = f32[8,8]{1,0} negate(%p)
+  ROOT %r = f32[8,8]{1,0} add(%d, %e), metadata={op_name="jit(step)/head/add"}
+}
+"""
+
+
+def test_op_names_read_op_name_and_name_an_unnamed_dot_from_its_operands():
+    """`a` is the forward of tri_mul_out, `g` its backward; the dot (no op_name, as XLA:CPU leaves
+    some) reads `a` directly and `g` through an unnamed copy, so it is tri_mul_out's, in the
+    backward; `e`'s only operand is a parameter, so it gets no name; `r` is outside the stacks."""
+    names = op_names(NAMED_HLO)
+    assert names["a"] == ("evoformer", "tri_mul_out", "fwd", "tri_mul_out/mul")
+    assert names["g"][:3] == ("evoformer", "tri_mul_out", "bwd")
+    assert names["d"] == ("evoformer", "tri_mul_out", "bwd", "tri_mul_out bwd, from its operands")
+    assert names["c"][:3] == ("evoformer", "tri_mul_out", "bwd")
+    assert "e" not in names and "p" not in names
+    assert names["r"] == ("other", "-", "fwd", "head/add")
 
 
 def test_conditional_counts_its_costliest_branch():
