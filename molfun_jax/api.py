@@ -28,7 +28,7 @@ import numpy as np
 
 from molfun_jax import checkpoint as ckpt
 from molfun_jax import lora as lora_lib
-from molfun_jax.config import config_from_dict, config_to_dict, model_config
+from molfun_jax.config import config_from_dict, config_to_dict, model_config, with_remat
 from molfun_jax.data.ligand import LigandConfig
 from molfun_jax.heads.affinity import HeadConfig, TargetNorm
 from molfun_jax.heads.registry import head_config_from_dict, head_kind
@@ -49,7 +49,10 @@ class MolfunStructureModel:
     weights: None (random), an OpenFold `.pt` or a converted folder.
     num_recycles: None = the preset's. chunk_size: None (off) or the rows per chunk of the
     attention, outer product mean and transition layers, in training too (memory for recompute;
-    the numbers do not change). seed: head / adapter init, data order, dropout (and the
+    the numbers do not change). remat: None = the config's (training: 'auto', by crop size and
+    device), or one of `config.REMAT_CHOICES`: what each rematerialised block of the stacks keeps
+    for its backward, or 'off' (no recompute: faster, much more memory; the numbers do not change).
+    seed: head / adapter init, data order, dropout (and the
     trunk init without weights). head_config: any registered head's config (`HeadConfig`, the
     pocket head, by default; `LigandHeadConfig`, the ligand head). ligand_config: the ligand
     featurisation the examples were made with (recorded in meta for the ligand head).
@@ -57,7 +60,7 @@ class MolfunStructureModel:
 
     def __init__(self, preset: str = "model_1_ptm", strategy: Optional[Strategy] = None, *,
                  weights: Optional[str | Path] = None, num_recycles: Optional[int] = None,
-                 chunk_size: Optional[int] = None, head_config: Optional[Any] = None,
+                 chunk_size: Optional[int] = None, remat: Optional[str] = None, head_config: Optional[Any] = None,
                  ligand_config: Optional[LigandConfig] = None, seed: int = 0,
                  config: Optional[mlc.ConfigDict] = None, cache_dir: Optional[str | Path] = None,
                  log: Optional[Callable[[str], None]] = None, data_info: Optional[Mapping[str, Any]] = None,
@@ -72,6 +75,8 @@ class MolfunStructureModel:
             if chunk_size < 1:
                 raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
             self.config.globals.chunk_size = int(chunk_size)
+        if remat is not None:
+            self.config = with_remat(self.config, remat)
         self.strategy = strategy if strategy is not None else LoRA()
         self.head_config = head_config or HeadConfig()
         head_kind(self.head_config)  # a registered head

@@ -167,6 +167,18 @@ def test_chunk_size_changes_memory_not_predictions(lora_run, fast_weights, chain
         make_model(fast_weights, model.strategy, chunk_size=0)
 
 
+def test_remat_choice_is_the_models_and_a_checkpoint_loads_across_it(lora_run, fast_weights):
+    """`remat=` sets how the model's blocks train (`config.with_remat`); a checkpoint trained with
+    the default loads into a model without remat (remat changes memory, not the numbers)."""
+    model, run, _ = lora_run
+    off = make_model(fast_weights, model.strategy, remat="off")
+    assert not off.config.globals.remat and model.config.globals.remat
+    off.load_checkpoint(run)
+    assert make_model(fast_weights, model.strategy, remat="dots_saveable").config.globals.remat_policy == "dots_saveable"
+    with pytest.raises(ValueError, match="remat policy 'never'"):
+        make_model(fast_weights, model.strategy, remat="never")
+
+
 def test_refuses_another_preset_strategy_or_config(lora_run, fast_weights):
     _, run, _ = lora_run
     with pytest.raises(ckpt.CheckpointError, match=r"strategy\.name: 'lora' in the checkpoint, 'full' here"):

@@ -94,6 +94,7 @@ BAD_FLAGS = [
     (["--strategy", "adapters"], "argument --strategy: invalid choice: 'adapters'"),
     (["--split", "cluster"], "argument --split: invalid choice"),
     (["--scheduler", "step"], "argument --scheduler: invalid choice"),
+    (["--remat", "sometimes"], "argument --remat: invalid choice: 'sometimes'"),
     (["--lr", "fast"], "argument --lr: invalid float value"),
     (["--weights", "/nonexistent/w.pt"], "--weights /nonexistent/w.pt: no such file or folder"),
     (["--bogus"], "unrecognized arguments: --bogus"),

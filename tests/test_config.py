@@ -1,8 +1,9 @@
 """Our presets equal OpenFold's model configs; tiny is derived from the same code."""
 import pytest
 
-from molfun_jax.config import (AUTO_DOTS_MAX_N, LAYER_NORM_STATISTICS, PRESETS, RELU_MASK, from_openfold, model_config,
-                               remat_policy, resolve_remat_policy)
+from molfun_jax.config import (AUTO_DOTS_MAX_N, LAYER_NORM_STATISTICS, PRESETS, RELU_MASK, REMAT_CHOICES, REMAT_OFF,
+                               REMAT_POLICIES, from_openfold, model_config, remat_policy, resolve_remat_policy,
+                               with_remat)
 import tests.reference  # noqa: F401  (skips without the reference; imports importlib.util)
 
 import openfold.config as of_config  # noqa: E402
@@ -116,6 +117,18 @@ def test_remat_policies_save_what_jax_policies_save_and_the_statistics(capsys):
     g.remat_policy = "save_everything"
     with pytest.raises(ValueError, match="remat_policy"):
         remat_policy(g)
+
+
+def test_with_remat_sets_the_policy_or_turns_remat_off_on_a_copy():
+    train, infer = model_config("tiny", train=True), model_config("tiny")
+    off = with_remat(train, REMAT_OFF)
+    assert not off.globals.remat and train.globals.remat  # a copy
+    dots = with_remat(infer, "dots_saveable")  # a policy turns remat on
+    assert dots.globals.remat and dots.globals.remat_policy == "dots_saveable" and not infer.globals.remat
+    assert with_remat(train, "auto").globals.remat_policy == "auto"
+    assert set(REMAT_CHOICES) == set(REMAT_POLICIES) | {REMAT_OFF}
+    with pytest.raises(ValueError, match="remat policy 'sometimes'; choose one of"):
+        with_remat(train, "sometimes")
 
 
 def test_auto_remat_policy_saves_matmuls_only_for_short_crops_on_accelerators():

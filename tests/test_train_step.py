@@ -212,6 +212,22 @@ def test_remat_recomputes_no_pair_transition_matmul_for_its_relu():
     assert runs("msa_transition", recompute=True) >= 1
 
 
+@pytest.mark.parametrize("choice,recomputed", [("off", 0), ("nothing_saveable", 1)])
+def test_remat_choice_reaches_the_compiled_step(choice, recomputed):
+    """`with_remat`: 'off' compiles a step with no rematerialised block (no op of the backward's
+    recompute, `rematted_computation`); 'nothing_saveable' keeps no ReLU mask, so the pair
+    transition's first Linear is recomputed, which the default ('auto', above) avoids."""
+    from molfun_jax.config import with_remat
+    cfg = tiny_config()
+    cfg.globals.update(remat=True, remat_policy="auto")  # as in training
+    model, plan, step, state, frozen, mesh = setup(LoRA(amp=False), config=with_remat(cfg, choice))
+    (group,) = make_batches(examples(1), 1, 1)
+    hlo = step.lower(state, frozen, shard_batch(group, mesh, 1)).compile().as_text()
+    assert ("rematted_computation" in hlo) == (choice != "off")
+    assert min(1, sum(" dot(" in line and "/pair_transition/linear_1/" in line and "rematted_computation" in line
+                      for line in hlo.splitlines())) == recomputed
+
+
 def test_amp_computes_in_bfloat16():
     (group,) = make_batches(examples(2), 2, 1)
     for amp, dtypes in ((True, {"bfloat16", "float32"}), (False, {"float32"})):

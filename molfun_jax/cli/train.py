@@ -72,6 +72,7 @@ def _strategy_flags() -> list[Flag]:
 
 def train_flags() -> list[Flag]:
     """The flag table of train.py (read by the parser, `--config`, resume and the strategy)."""
+    from molfun_jax.config import REMAT_CHOICES
     from molfun_jax.heads import HEADS
     from molfun_jax.tracking import TRACKERS
     from molfun_jax.training.guard import MAX_SKIPPED_STEPS
@@ -115,6 +116,11 @@ def train_flags() -> list[Flag]:
         flag("--chunk-size", group=m, type=int, default=None, valid=GE1,
              help="run attention, outer product mean and transitions in chunks of this many rows, "
                   "recomputed in the backward pass: less memory for long crops, same numbers (default off)"),
+        flag("--remat", group=m, choices=REMAT_CHOICES, default=None,
+             help="what each block of the Evoformer, extra-MSA and template stacks keeps from its forward for "
+                  "the backward, which recomputes the rest (default auto: matmul outputs for crops up to 64 "
+                  "residues on a GPU/TPU, else LayerNorm statistics and ReLU masks); off: no recompute, faster, "
+                  "several times the memory; same numbers"),
         flag("--precision", group=m, choices=("fp32", "bf16"), default=None,
              help="compute dtype (default bf16 on GPU/TPU, fp32 on CPU)"),
         flag("--no-amp", group=m, action="store_true", help="same as --precision fp32"),
@@ -438,13 +444,13 @@ def build_model(a: argparse.Namespace, data_info: Mapping[str, Any]) -> Any:
         say(f"Weights: none given -> random initialisation (seed {a.seed}); pass --weights for a "
             "pretrained OpenFold model")
     model = MolfunStructureModel(a.preset, build_strategy(a), weights=a.weights, num_recycles=a.num_recycles,
-                                 chunk_size=a.chunk_size, head_config=HEADS[kind].config(), seed=a.seed,
+                                 chunk_size=a.chunk_size, remat=a.remat, head_config=HEADS[kind].config(), seed=a.seed,
                                  cache_dir=Path(a.output) / "weights_cache", log=say, data_info=data_info)
     if a.weights is not None:
         say(f"Weights: {a.weights} ({model.base_weights['kind']})")
-    say(f"Model: OpenFold ({model.num_params:,} params) | preset {a.preset} | "
-        f"{model.config.globals.num_recycles} recycles | {model.config.model.evoformer_stack.no_blocks} "
-        f"Evoformer blocks")
+    g = model.config.globals
+    say(f"Model: OpenFold ({model.num_params:,} params) | preset {a.preset} | {g.num_recycles} recycles | "
+        f"{model.config.model.evoformer_stack.no_blocks} Evoformer blocks | remat {g.remat_policy if g.remat else 'off'}")
     say(f"Head: {kind} ({HEADS[kind].summary}; {model.trainable_counts().get('head', 0):,} params) -- {why}")
     say(strategy_line(model))
     if a.demo and model.strategy.name == "head_only":
