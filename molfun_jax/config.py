@@ -26,7 +26,7 @@ REMAT_POLICIES = ("nothing_saveable", "statistics_saveable", "dots_saveable", "d
                   "auto")
 # what a training run may ask for (`with_remat`): a policy, or 'off' (no block is rematerialised: the
 # backward reads every block's activations, kept from the forward; the fastest step where they fit,
-# e.g. the 48-block LoRA step at N=64 on 2 CPU cores: 6.1 s and 5.8 GiB against 7.1 s and 1.1 GiB)
+# README.md gives the numbers)
 REMAT_OFF = "off"
 REMAT_CHOICES = REMAT_POLICIES + (REMAT_OFF,)
 # 'auto' saves matmul outputs up to this many residues on an accelerator (their memory grows with
