@@ -424,12 +424,12 @@ def matmul_ops(hlo_text: str) -> dict[str, tuple[str, float]]:
             continue
         for line in lines:
             d = _DEFINED_SHAPE.match(line)
-            if d is not None and _matmul(line)[0]:
-                out[d.group(1)] = (kind([line]), flops.instruction(line))
-            elif d is not None and d.group(1) in fused:
-                dots = [f for f in flops.comps.get(fused[d.group(1)], ()) if _matmul(f)[0]]
-                if dots:
-                    out[d.group(1)] = (kind(dots), flops.computation(fused[d.group(1)]))
+            if d is None:
+                continue
+            dots = [line] if _matmul(line)[0] else [f for f in flops.comps.get(fused.get(d.group(1)), ())
+                                                      if _matmul(f)[0]]
+            if dots:  # a fusion's FLOPs are its called computation's (`_Flops.instruction`)
+                out[d.group(1)] = (kind(dots), flops.instruction(line))
     return out
 
 
