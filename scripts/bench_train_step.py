@@ -15,7 +15,9 @@ gradient under a frozen trunk). The first step's loss and gradient norm must agr
     python scripts/bench_train_step.py --blocks 4 --strategies lora --remat on --sides ours --profile /tmp/prof
         # 4 Evoformer blocks on both sides (the per-block cost); XLA op time of one traced step by
         # module, by op kind (batched matmuls and GEMMs with their FLOP rates, or which other
-        # fusion) and by op; the trace and the step's HLO (hlo.txt) stay in the folder
+        # fusion) and by op; the trace and the step's HLO (hlo.txt) stay in the folder. With
+        # --forward, the forward program is traced too (DIR/forward) and each module's step time,
+        # by phase, is set against its time there
     ... --inputs /tmp/in48   # keep the written inputs there and reuse them in later invocations
         # (refused when they were written for another --preset, --seed or --blocks)
     ... --rounds 3   # each row's two sides 3 times, alternating: medians, and each round's speed
@@ -42,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -229,12 +232,14 @@ def run_ours(job: dict, folder: Path) -> dict:
                 out.update(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]))
         out.update(step_s=statistics.median(times[1:]), **peak_rss(setup_gib),
                    faults=(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / job["repeats"])
+        forward = None
         if job.get("forward"):  # after the peak RSS: the HLO text and its parse are not the step's memory
-            state, out["paired_step_s"], out["forward_s"], out["forward_flops"] = time_step_and_forward(
-                compiled, state, frozen, batch, model, plan, ex, job["repeats"])
-            out["flops"] = dot_flops(compiled.as_text())
+            forward = forward_program(model, plan, state, frozen, ex)
+            state, out["paired_step_s"], out["forward_s"] = time_step_and_forward(compiled, state, frozen, batch,
+                                                                                  forward, job["repeats"])
+            out["flops"], out["forward_flops"] = dot_flops(compiled.as_text()), dot_flops(forward[0].as_text())
         if job.get("profile"):  # last: the traced step donates `state`
-            out["top_ops"] = profile_step(compiled, state, frozen, batch, job["profile"])
+            out["top_ops"] = profile_step(compiled, state, frozen, batch, job["profile"], forward=forward)
     return out
 
 
@@ -243,32 +248,26 @@ MODULES = ("msa_att_row", "msa_att_col", "msa_transition", "outer_product_mean",
 STACKS = ("evoformer", "extra_msa_stack", "template_pair_stack")
 
 
-def profile_step(compiled, state, frozen, batch, folder: str, top: int = 25) -> list:
+def profile_step(compiled, state, frozen, batch, folder: str, top: int = 25,
+                 forward: Optional[tuple[Any, dict]] = None) -> list:
     """One step under `jax.profiler.trace` (written to `folder` with the step's HLO, `hlo.txt`;
     opens in Perfetto/TensorBoard); XLA op time summed by (stack, module, forward | remat |
     backward), by op kind (`matmul_ops`' batched matmuls and GEMMs, with their FLOP rates, else
     the fusion's kind) and by op, each row [what, ms, share]. Ops are named from the HLO's
     op_name metadata, or (XLA:CPU drops it from some dots) from their operands' (`op_names`); the
-    backward's recompute of a remat'ed block (`rematted_computation`) is its own phase, 'remat'."""
-    import gzip
-    from collections import Counter
-
-    import jax
-    hlo = compiled.as_text()
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    Path(folder, "hlo.txt").write_text(hlo)
-    with jax.profiler.trace(folder, create_perfetto_trace=True):
-        jax.block_until_ready(compiled(state, frozen, batch)[1])
-    trace = max(Path(folder).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
-    events = [e for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
-              if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    backward's recompute of a remat'ed block (`rematted_computation`) is its own phase, 'remat'.
+    With `forward` (`forward_program`'s), the forward program is traced too (`folder`/forward),
+    and each module's step time is set against its time there (`against_forward`)."""
+    if forward is not None:  # first: the traced step donates `state`
+        fwd_hlo, fwd_events = _trace(forward[0], (state["trainable"], frozen, forward[1]), Path(folder, "forward"))
+    hlo, events = _trace(compiled, (state, frozen, batch), Path(folder))
     total = sum(e["dur"] for e in events) or 1.0
     matmuls, names = matmul_ops(hlo), op_names(hlo)
     by_part, by_op, by_kind, kind_flops = Counter(), Counter(), Counter(), Counter()
     for e in events:
         op = e["args"]["hlo_op"]
-        stack, module, phase, where = names.get(op, ("other", "-", "fwd", ""))
-        by_part[f"{stack} {module} {phase}"] += e["dur"]
+        stack, module, phase, where = names.get(op, _UNNAMED)
+        by_part[(stack, module, phase)] += e["dur"]
         by_op[f"{op} ({where})"] += e["dur"]
         kind = matmuls[op][0] if op in matmuls else re.sub(r"[.\d]+$", "", op)
         by_kind[kind] += e["dur"]
@@ -276,12 +275,53 @@ def profile_step(compiled, state, frozen, batch, folder: str, top: int = 25) -> 
     kinds = Counter({_KINDS.get(k, k) + (f", {kind_flops[k] / by_kind[k] / 1e3:.0f} GFLOP/s" if k in _KINDS else ""): v
                      for k, v in by_kind.items()})
     rows = lambda c, n=top: [[k, round(v / 1e3, 1), round(v / total, 3)] for k, v in c.most_common(n)]
-    return (rows(by_part) + [["--- by op kind", round(total / 1e3, 1), 1.0]] + rows(kinds, 8)
-            + [["--- top ops", round(total / 1e3, 1), 1.0]] + rows(by_op))
+    out = (rows(Counter({" ".join(k): v for k, v in by_part.items()})) + [["--- by op kind", round(total / 1e3, 1), 1.0]]
+           + rows(kinds, 8) + [["--- top ops", round(total / 1e3, 1), 1.0]] + rows(by_op))
+    if forward is None:
+        return out
+    fwd_names, fwd_parts = op_names(fwd_hlo), Counter()
+    for e in fwd_events:
+        fwd_parts[fwd_names.get(e["args"]["hlo_op"], _UNNAMED)[:2]] += e["dur"]
+    return out + against_forward(by_part, fwd_parts, top)
+
+
+def _trace(compiled, args: tuple, folder: Path) -> tuple[str, list]:
+    """`compiled(*args)` once under `jax.profiler.trace` into `folder`, its HLO beside (`hlo.txt`):
+    (the HLO text, the trace's XLA op events)."""
+    import gzip
+
+    import jax
+    hlo = compiled.as_text()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "hlo.txt").write_text(hlo)
+    with jax.profiler.trace(str(folder), create_perfetto_trace=True):
+        jax.block_until_ready(compiled(*args))
+    trace = max(folder.glob("plugins/profile/*/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    return hlo, [e for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+                 if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+
+
+def against_forward(step: Counter, forward: Counter, top: int = 25) -> list:
+    """Rows [what, ms, share of the step] of each (stack, module), the step's largest first: its op
+    time in the step by phase (`step`: (stack, module, phase) -> us) against the forward
+    program's (`forward`: (stack, module) -> us), with the whole programs' totals first."""
+    total, fwd_total = sum(step.values()) or 1.0, sum(forward.values())
+    parts = Counter()
+    for (stack, module, _), us in step.items():
+        parts[(stack, module)] += us
+    ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"
+    rows = [[f"--- by module, the step's phases against the forward program's time (forward program "
+             f"{fwd_total / 1e3:.1f} ms; step {ratio(total, fwd_total)} that)", round(total / 1e3, 1), 1.0]]
+    for (stack, module), us in parts.most_common(top):
+        phases = ", ".join(f"{p} {step[(stack, module, p)] / 1e3:.1f}" for p in _PHASES if (stack, module, p) in step)
+        rows.append([f"{stack} {module}: {phases} ms; forward program {forward[(stack, module)] / 1e3:.1f} ms, "
+                     f"step {ratio(us, forward[(stack, module)])} that", round(us / 1e3, 1), round(us / total, 3)])
+    return rows
 
 
 _KINDS = {"gemm": "GEMM (matmul without batch dimensions)", "batched": "batched matmul (attention, triangle products)"}
 _PHASES = ("fwd", "remat", "bwd")
+_UNNAMED = ("other", "-", "fwd", "")  # an op `op_names` cannot place
 
 
 def op_names(hlo_text: str) -> dict[str, tuple[str, str, str, str]]:
@@ -433,16 +473,24 @@ def matmul_ops(hlo_text: str) -> dict[str, tuple[str, float]]:
     return out
 
 
-def time_step_and_forward(compiled, state, frozen, batch, model, plan, ex, repeats: int) -> tuple[Any, float, float, float]:
-    """The compiled step and our forward alone (trunk + head prediction of the same example, the
-    step's yardstick) run alternately, `repeats` timed times each after one of each untimed, so a
-    slow spell of a shared machine hits both (apart, the forward's median moved by 10-20 % between
-    runs of the same program): (state, step s, forward s: medians, forward matmul FLOPs)."""
+def forward_program(model, plan, state, frozen, ex: dict) -> tuple[Any, dict]:
+    """Our forward alone, the step's yardstick: trunk + head prediction of `ex` (its features
+    without the labels), compiled; (the compiled forward, the features)."""
     import jax
     from molfun_jax.training.step import LABEL_KEYS
     feats = {k: v for k, v in ex.items() if k not in LABEL_KEYS}
-    fwd = jax.jit(lambda t, f, x: model.predict(plan.combine(t, f), x)).lower(
-        state["trainable"], frozen, feats).compile()
+    fwd = jax.jit(lambda t, f, x: model.predict(plan.combine(t, f), x))
+    return fwd.lower(state["trainable"], frozen, feats).compile(), feats
+
+
+def time_step_and_forward(compiled, state, frozen, batch, forward: tuple[Any, dict],
+                          repeats: int) -> tuple[Any, float, float]:
+    """The compiled step and `forward` (`forward_program`'s) run alternately, `repeats` timed times
+    each after one of each untimed, so a slow spell of a shared machine hits both (apart, the
+    forward's median moved by 10-20 % between runs of the same program): (state, step s,
+    forward s: medians)."""
+    import jax
+    fwd, feats = forward
     steps, forwards = [], []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
@@ -453,7 +501,7 @@ def time_step_and_forward(compiled, state, frozen, batch, model, plan, ex, repea
         if i:
             steps.append(t1 - t0)
             forwards.append(time.perf_counter() - t1)
-    return state, statistics.median(steps), statistics.median(forwards), dot_flops(fwd.as_text())
+    return state, statistics.median(steps), statistics.median(forwards)
 
 
 # --- OpenFold's side -----------------------------------------------------------------------------
@@ -634,7 +682,8 @@ def main() -> None:
     ap.add_argument("--compile-only", action="store_true",
                     help="ours only: XLA memory plans (fp32 and bf16) of the LoRA step, remat on")
     ap.add_argument("--profile", default=None, metavar="DIR",
-                    help="ours: trace one more step into DIR and print the top ops by time")
+                    help="ours: trace one more step into DIR and print the top ops by time (with --forward: "
+                         "each module's step time against the forward program's)")
     ap.add_argument("--compile-cache", default=None, metavar="DIR",
                     help="ours: XLA's persistent compilation cache in DIR, which the CLI uses by default, so each "
                          "row measures a rerun (the step loaded, not compiled); one untimed run a row fills DIR first")

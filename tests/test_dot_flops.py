@@ -1,15 +1,16 @@
 """`scripts.bench_train_step.dot_flops`: the matmul FLOPs an optimised XLA module executes,
 checked against hand-derived counts (2 m n k per matmul) and XLA's own count of a loop-free
 module. The benchmark's step/forward FLOP ratio and gpu_check's utilisation read it. And
-`matmul_ops`, the ops the profile's matmul shares count, and `op_names`, which names the profile's
-rows."""
+`matmul_ops`, the ops the profile's matmul shares count, `op_names`, which names the profile's
+rows, and the profile's step-against-forward table (`against_forward`, `profile_step`)."""
 import re
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scripts.bench_train_step import dot_flops, matmul_ops, op_names
+from scripts.bench_train_step import against_forward, dot_flops, matmul_ops, op_names, profile_step
 
 M, K, N = 48, 40, 24
 X = jnp.asarray(np.random.default_rng(0).normal(size=(M, K)), jnp.float32)
@@ -135,3 +136,35 @@ ENTRY %main.9 (a.1: f32[64,32]) -> f32[64,32] {
 def test_gpu_library_gemm_in_a_loop():
     # XLA:GPU rewrites dots into cuBLAS custom-calls whose dimension numbers sit in backend_config
     assert dot_flops(GPU_HLO) == 3 * 2 * 64 * 32 * 32
+
+
+def test_against_forward_sets_each_modules_step_phases_against_its_forward_time():
+    step = Counter({("evoformer", "tri_mul_out", "fwd"): 2000.0, ("evoformer", "tri_mul_out", "remat"): 1500.0,
+                    ("evoformer", "tri_mul_out", "bwd"): 3500.0, ("evoformer", "tri_att_start", "fwd"): 1000.0,
+                    ("other", "-", "fwd"): 500.0})  # microseconds, as traced
+    forward = Counter({("evoformer", "tri_mul_out"): 2000.0, ("evoformer", "tri_att_start"): 1000.0,
+                       ("extra_msa_stack", "pair_transition"): 500.0})
+    head, mul, att, other = against_forward(step, forward)
+    # the step's 8.5 ms against the forward program's 3.5: 2.43x
+    assert head[1:] == [8.5, 1.0] and "forward program 3.5 ms; step 2.43x" in head[0]
+    assert mul == ["evoformer tri_mul_out: fwd 2.0, remat 1.5, bwd 3.5 ms; forward program 2.0 ms, step 3.50x that",
+                   7.0, round(7.0 / 8.5, 3)]
+    assert att[0].endswith("fwd 1.0 ms; forward program 1.0 ms, step 1.00x that")
+    assert other[0].endswith("forward program 0.0 ms, step - that")  # nothing to compare with
+
+
+def test_profile_step_traces_the_forward_beside_the_step(tmp_path):
+    """The step (state donated, as the train step's) and the forward each traced into their own
+    folder with their own HLO; the module table's step total is the op-kind table's."""
+    state, frozen = {"trainable": {"w": W}}, {"v": V}
+    step = jax.jit(lambda s, f, b: ({"trainable": {"w": s["trainable"]["w"] * 0.5}},
+                                    jnp.sum(jnp.tanh(b @ s["trainable"]["w"]) @ f["v"])), donate_argnums=0)
+    step = step.lower(state, frozen, X).compile()
+    fwd = jax.jit(lambda t, f, x: jnp.tanh(x @ t["w"]) @ f["v"]).lower(state["trainable"], frozen, X).compile()
+    rows = profile_step(step, state, frozen, X, str(tmp_path), forward=(fwd, X))
+    assert (tmp_path / "hlo.txt").read_text() == step.as_text()
+    assert (tmp_path / "forward" / "hlo.txt").read_text() == fwd.as_text()
+    kinds = next(r for r in rows if r[0] == "--- by op kind")
+    modules = next(r for r in rows if r[0].startswith("--- by module"))
+    assert modules[1] == kinds[1] > 0
+    assert rows[-1][0].startswith("other -: fwd ") and "forward program " in rows[-1][0]
