@@ -208,6 +208,11 @@ def with_remat(c: mlc.ConfigDict, choice: str) -> mlc.ConfigDict:
     return c
 
 
+def remat_choice(c: mlc.ConfigDict) -> str:
+    """The REMAT_CHOICES entry `c` trains with: its remat policy, or REMAT_OFF (`with_remat`'s inverse)."""
+    return c.globals.remat_policy if c.globals.remat else REMAT_OFF
+
+
 def resolve_remat_policy(c: mlc.ConfigDict, n_res: int, platform: str) -> mlc.ConfigDict:
     """`c`, or a copy whose remat_policy 'auto' is made concrete for a crop of `n_res` residues on
     `platform` ('cpu', 'gpu', 'tpu', as `jax.default_backend()`): 'dots_saveable' up to

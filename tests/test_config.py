@@ -2,8 +2,8 @@
 import pytest
 
 from molfun_jax.config import (AUTO_DOTS_MAX_N, LAYER_NORM_STATISTICS, PRESETS, RELU_MASK, REMAT_CHOICES, REMAT_OFF,
-                               REMAT_POLICIES, from_openfold, model_config, remat_policy, resolve_remat_policy,
-                               with_remat)
+                               REMAT_POLICIES, from_openfold, model_config, remat_choice, remat_policy,
+                               resolve_remat_policy, with_remat)
 import tests.reference  # noqa: F401  (skips without the reference; imports importlib.util)
 
 import openfold.config as of_config  # noqa: E402
@@ -127,6 +127,7 @@ def test_with_remat_sets_the_policy_or_turns_remat_off_on_a_copy():
     assert dots.globals.remat and dots.globals.remat_policy == "dots_saveable" and not infer.globals.remat
     assert with_remat(train, "auto").globals.remat_policy == "auto"
     assert set(REMAT_CHOICES) == set(REMAT_POLICIES) | {REMAT_OFF}
+    assert [remat_choice(with_remat(train, c)) for c in REMAT_CHOICES] == list(REMAT_CHOICES)  # the inverse
     with pytest.raises(ValueError, match="remat policy 'sometimes'; choose one of"):
         with_remat(train, "sometimes")
 

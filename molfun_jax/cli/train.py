@@ -437,6 +437,7 @@ def load_data(a: argparse.Namespace) -> tuple[list[Example], list[Example], list
 def build_model(a: argparse.Namespace, data_info: Mapping[str, Any]) -> Any:
     """The model of the flags, announced (weights, size, strategy)."""
     from molfun_jax.api import MolfunStructureModel
+    from molfun_jax.config import remat_choice
     from molfun_jax.heads import HEADS
 
     kind, why = choose_head(a, data_info)
@@ -448,9 +449,9 @@ def build_model(a: argparse.Namespace, data_info: Mapping[str, Any]) -> Any:
                                  cache_dir=Path(a.output) / "weights_cache", log=say, data_info=data_info)
     if a.weights is not None:
         say(f"Weights: {a.weights} ({model.base_weights['kind']})")
-    g = model.config.globals
-    say(f"Model: OpenFold ({model.num_params:,} params) | preset {a.preset} | {g.num_recycles} recycles | "
-        f"{model.config.model.evoformer_stack.no_blocks} Evoformer blocks | remat {g.remat_policy if g.remat else 'off'}")
+    c = model.config
+    say(f"Model: OpenFold ({model.num_params:,} params) | preset {a.preset} | {c.globals.num_recycles} recycles | "
+        f"{c.model.evoformer_stack.no_blocks} Evoformer blocks | remat {remat_choice(c)}")
     say(f"Head: {kind} ({HEADS[kind].summary}; {model.trainable_counts().get('head', 0):,} params) -- {why}")
     say(strategy_line(model))
     if a.demo and model.strategy.name == "head_only":
