@@ -9,14 +9,21 @@
    compiled HLO, each loop iteration once) / time / the GPU's dense bf16 peak.
 3. Head-only: one epoch on a cached trunk output against one epoch through the trunk.
 
+Each row prints as soon as it is measured, so a run cut off by its time limit keeps what it
+measured; a part that fails (e.g. out of device memory) gets a FAILED row with the error's last
+line, the other parts still run, and the exit status is 1.
+
     python scripts/gpu_check.py            # on the GPU
+    JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache python scripts/gpu_check.py   # a rerun there skips the compiles
     python scripts/gpu_check.py --smoke    # tiny preset, small N: runs anywhere (CPU), end to end
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +145,33 @@ def head_only_epochs(cfg, params, feats_list) -> dict[str, float]:
     return {"uncached_s": t_uncached, "cache_s": t_cache, "cached_s": epoch(cached)}
 
 
+class Table:
+    """The check's rows (label, value), each printed as it is added; `part` turns an exception
+    in a part of the check into a FAILED row and goes on."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str]] = []
+        self.failed = False
+
+    def add(self, label: str, value: str) -> None:
+        self.rows.append((label, value))
+        print(f"{label} | {value}", flush=True)
+
+    @contextlib.contextmanager
+    def part(self, label: str):
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - reported as a row; the other parts still run
+            traceback.print_exc()
+            lines = [line for line in str(e).strip().splitlines() if line.strip()]
+            self.add(label, f"FAILED: {type(e).__name__}: {lines[-1] if lines else ''}")
+            self.failed = True
+
+    def text(self) -> str:
+        w = max(len(k) for k, _ in self.rows)
+        return "\n".join(f"{k:<{w}} | {v}" for k, v in self.rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny preset, small N (CPU end-to-end check)")
@@ -153,28 +187,32 @@ def main() -> None:
     cfg.globals.num_recycles = 0
     t_start = time.perf_counter()
     params = random_params(cfg)  # non-zero random weights (AlphaFold's init zeroes output layers)
-    rows: list[tuple[str, str]] = [("device", f"{jax.devices()[0].device_kind} x{jax.device_count()}"),
-                                   ("preset", f"{preset}, chain {args.chain}, 0 recycles")]
+    table = Table()
+    table.add("device", f"{jax.devices()[0].device_kind} x{jax.device_count()}")
+    table.add("preset", f"{preset}, chain {args.chain}, 0 recycles")
 
-    par = parity(cfg, params, chain_features(args.chain, n_parity))
-    rows += [(f"bf16 vs fp32 N={n_parity}: {k}", f"{v:.2e} rel") for k, v in par.items()]
+    with table.part(f"bf16 vs fp32 N={n_parity}"):
+        for k, v in parity(cfg, params, chain_features(args.chain, n_parity)).items():
+            table.add(f"bf16 vs fp32 N={n_parity}: {k}", f"{v:.2e} rel")
     for n in ns:
-        r = lora_step(cfg, params, chain_features(args.chain, n), repeats)
-        mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} GiB"
-        util = "-" if r["util"] is None else f"{100 * r['util']:.1f}%"
-        flop_ratio = "-" if r["flop_ratio"] is None else f"{r['flop_ratio']:.2f}x"
-        rows.append((f"LoRA bf16 N={n}",
-                     f"step {r['step_s']:.3f} s = {r['step_s'] / r['forward_s']:.2f}x the forward's "
-                     f"{r['forward_s']:.3f} s (matmul FLOPs {flop_ratio}), compile {r['compile_s']:.1f} s, "
-                     f"peak {mem}, {r['gflop']:.4g} GFLOP, utilisation {util}, loss {r['loss']:.3g}"))
-    feats = chain_features(args.chain, n_head)
-    h = head_only_epochs(cfg, params, [feats] * n_examples)
-    rows.append((f"head-only epoch, {n_examples} x N={n_head}",
-                 f"uncached {h['uncached_s']:.3f} s, cached {h['cached_s']:.3f} s "
-                 f"({h['uncached_s'] / max(h['cached_s'], 1e-9):.0f}x); cache once {h['cache_s']:.1f} s incl. compile"))
-    rows.append(("total wall time", f"{time.perf_counter() - t_start:.0f} s"))
-    w = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{w}} | {v}" for k, v in rows))
+        with table.part(f"LoRA bf16 N={n}"):
+            r = lora_step(cfg, params, chain_features(args.chain, n), repeats)
+            mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} GiB"
+            util = "-" if r["util"] is None else f"{100 * r['util']:.1f}%"
+            flop_ratio = "-" if r["flop_ratio"] is None else f"{r['flop_ratio']:.2f}x"
+            table.add(f"LoRA bf16 N={n}",
+                      f"step {r['step_s']:.3f} s = {r['step_s'] / r['forward_s']:.2f}x the forward's "
+                      f"{r['forward_s']:.3f} s (matmul FLOPs {flop_ratio}), compile {r['compile_s']:.1f} s, "
+                      f"peak {mem}, {r['gflop']:.4g} GFLOP, utilisation {util}, loss {r['loss']:.3g}")
+    label = f"head-only epoch, {n_examples} x N={n_head}"
+    with table.part(label):
+        h = head_only_epochs(cfg, params, [chain_features(args.chain, n_head)] * n_examples)
+        table.add(label, f"uncached {h['uncached_s']:.3f} s, cached {h['cached_s']:.3f} s "
+                         f"({h['uncached_s'] / max(h['cached_s'], 1e-9):.0f}x); cache once {h['cache_s']:.1f} s "
+                         f"incl. compile")
+    table.add("total wall time", f"{time.perf_counter() - t_start:.0f} s")
+    print("\n" + table.text())
+    sys.exit(1 if table.failed else 0)
 
 
 if __name__ == "__main__":
