@@ -163,7 +163,7 @@ class Table:
             yield
         except Exception as e:  # noqa: BLE001 - reported as a row; the other parts still run
             traceback.print_exc()
-            lines = [line for line in str(e).strip().splitlines() if line.strip()]
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             self.add(label, f"FAILED: {type(e).__name__}: {lines[-1] if lines else ''}")
             self.failed = True
 
@@ -195,12 +195,13 @@ def main() -> None:
         for k, v in parity(cfg, params, chain_features(args.chain, n_parity)).items():
             table.add(f"bf16 vs fp32 N={n_parity}: {k}", f"{v:.2e} rel")
     for n in ns:
-        with table.part(f"LoRA bf16 N={n}"):
+        label = f"LoRA bf16 N={n}"
+        with table.part(label):
             r = lora_step(cfg, params, chain_features(args.chain, n), repeats)
             mem = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} GiB"
             util = "-" if r["util"] is None else f"{100 * r['util']:.1f}%"
             flop_ratio = "-" if r["flop_ratio"] is None else f"{r['flop_ratio']:.2f}x"
-            table.add(f"LoRA bf16 N={n}",
+            table.add(label,
                       f"step {r['step_s']:.3f} s = {r['step_s'] / r['forward_s']:.2f}x the forward's "
                       f"{r['forward_s']:.3f} s (matmul FLOPs {flop_ratio}), compile {r['compile_s']:.1f} s, "
                       f"peak {mem}, {r['gflop']:.4g} GFLOP, utilisation {util}, loss {r['loss']:.3g}")

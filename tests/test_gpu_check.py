@@ -56,7 +56,7 @@ def test_smoke_run_prints_every_row():
         m = re.match(r"step ([\d.]+) s = ([\d.]+)x the forward's ([\d.]+) s \(matmul FLOPs ([\d.]+)x\)",
                      rows[f"LoRA bf16 N={n}"])
         assert m, rows[f"LoRA bf16 N={n}"]
-        step, ratio, fwd, flop_ratio = map(float, m.groups())
+        step, _, fwd, flop_ratio = map(float, m.groups())
         assert step > 0 and fwd > 0 and 1.0 < flop_ratio < 4.0  # backward + remat cost more than a forward
         assert re.search(r"loss [\d.e+-]+$", rows[f"LoRA bf16 N={n}"])
     assert re.match(r"uncached [\d.]+ s, cached [\d.]+ s", rows["head-only epoch, 2 x N=16"])
