@@ -714,7 +714,8 @@ def main() -> None:
         print(f"inputs ready in {time.perf_counter() - t0:.0f} s ({folder}); preset {args.preset}, chain {args.chain}, "
               f"{args.blocks or 'all'} Evoformer blocks, 0 recycles, LoRA r{RANK} {'/'.join(LORA_TARGETS)}, "
               f"chunk size {args.chunk_size} (ours); machine load "
-              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+              + (f"; XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""), flush=True)
         base = {"preset": args.preset, "chain": args.chain, "repeats": args.repeats, "policy": args.policy,
                 "blocks": args.blocks, "chunk_size": args.chunk_size, "profile": args.profile,
                 "compile_cache": args.compile_cache and str(Path(args.compile_cache).absolute())}

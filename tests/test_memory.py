@@ -3,6 +3,7 @@ synchronous_cpu_dispatch keep a step's buffers mapped for the next. The kernel's
 minor page faults) are the truth."""
 import ctypes
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -200,3 +201,32 @@ def test_weights_read_from_disk_are_shared_with_the_cpu_device_not_copied(tmp_pa
     if mesh.size == 1 and jax.default_backend() == "cpu":  # several devices hold a copy each
         on_device = replicate(got, mesh)
         assert on_device["a"]["kernel"].unsafe_buffer_pointer() == got["a"]["kernel"].ctypes.data
+
+
+FLAG_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    x = np.linspace(-3, 3, 4096, dtype=np.float32).reshape(64, 64)
+    y = jax.jit(lambda x: jnp.tanh(x - x.mean(-1, keepdims=True)) * jnp.exp(-x * x))(x)  # loop fusions
+    x = x.astype(np.float64)
+    want = np.tanh(x - x.mean(-1, keepdims=True)) * np.exp(-x * x)
+    print(float(np.abs(np.asarray(y, np.float64) - want).max()))
+""")
+
+
+def test_the_readmes_low_memory_compile_flag_is_an_xla_cpu_option_that_changes_no_result():
+    """README's `XLA_FLAGS=...` (a first run without the fusion emitters' compile transient) must
+    name an option of this jaxlib's XLA:CPU: XLA aborts on an unknown one, as the invented flag
+    shows; with it, a fused program still computes numpy's float64 values to float32 rounding."""
+    flags = re.findall(r"XLA_FLAGS=(--\w+=\w+)", (ROOT / "README.md").read_text())
+    assert len(flags) == 1, flags
+
+    def run(flag: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+        return subprocess.run([sys.executable, "-c", FLAG_SCRIPT], env=env, capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+
+    ok = run(flags[0])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert float(ok.stdout.split()[-1]) < 1e-6
+    unknown = run("--xla_cpu_no_such_option=false")
+    assert unknown.returncode != 0 and "xla_cpu_no_such_option" in unknown.stderr
